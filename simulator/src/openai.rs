@@ -1,0 +1,448 @@
+//! OpenAI request parsing and vLLM-shaped response bodies.
+//!
+//! Bodies follow vLLM's `protocol.py` serialisation: unset optional fields
+//! are left out of stream chunks, `logprobs`/`finish_reason` are explicit
+//! nulls, the usage chunk has `"choices": []`.
+
+use serde_json::{json, Value};
+
+use crate::tokens::{chat_prompt_tokens, fnv1a, text_tokens};
+
+/// Which OpenAI API a request used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// RAG parameters from the request body (`rag.collection`, `rag.top_k`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RagBody {
+    pub collection: Option<String>,
+    pub top_k: Option<u32>,
+}
+
+/// The fields of a generation request the simulator acts on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationRequest {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub prompt_tokens: u32,
+    /// Hash of the prompt, for the prefix cache and the generated text.
+    pub prompt_key: u64,
+    pub max_tokens: Option<u32>,
+    pub rag: RagBody,
+}
+
+/// A request the simulator refuses, as vLLM would (HTTP 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("field `{0}` is required")]
+    Missing(&'static str),
+    #[error("field `{0}` has the wrong type")]
+    WrongType(&'static str),
+}
+
+fn message_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+/// Prompt tokens and prompt text of a completions `prompt` field.
+fn completion_prompt(prompt: &Value) -> Result<(u32, String), RequestError> {
+    match prompt {
+        Value::String(s) => Ok((text_tokens(s), s.clone())),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            let text = items
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            Ok((u32::try_from(items.len()).unwrap_or(u32::MAX).max(1), text))
+        }
+        Value::Array(items) => {
+            let mut tokens = 0u32;
+            let mut text = String::new();
+            for item in items {
+                let (t, s) = completion_prompt(item)?;
+                tokens = tokens.saturating_add(t);
+                text.push_str(&s);
+                text.push('\u{1f}');
+            }
+            Ok((tokens.max(1), text))
+        }
+        _ => Err(RequestError::WrongType("prompt")),
+    }
+}
+
+fn opt_u32(body: &Value, field: &'static str) -> Result<Option<u32>, RequestError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|n| Some(u32::try_from(n).unwrap_or(u32::MAX)))
+            .ok_or(RequestError::WrongType(field)),
+    }
+}
+
+/// Parses a chat or completions body.
+pub fn parse_generation(
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<GenerationRequest, RequestError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    if !v.is_object() {
+        return Err(RequestError::InvalidJson("expected a JSON object".into()));
+    }
+    let model = match v.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(_) => return Err(RequestError::WrongType("model")),
+    };
+    let (prompt_tokens, prompt_text) = match endpoint {
+        Endpoint::Chat => {
+            let messages = v
+                .get("messages")
+                .ok_or(RequestError::Missing("messages"))?
+                .as_array()
+                .ok_or(RequestError::WrongType("messages"))?;
+            let texts: Vec<String> = messages
+                .iter()
+                .map(|m| {
+                    let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+                    let content = m.get("content").map(message_text).unwrap_or_default();
+                    (role.to_string(), content)
+                })
+                .map(|(role, content)| format!("{role}\u{1e}{content}"))
+                .collect();
+            let tokens = chat_prompt_tokens(
+                texts
+                    .iter()
+                    .map(|t| t.split_once('\u{1e}').map(|(_, c)| c).unwrap_or_default()),
+            );
+            (tokens, texts.join("\u{1f}"))
+        }
+        Endpoint::Completion => {
+            completion_prompt(v.get("prompt").ok_or(RequestError::Missing("prompt"))?)?
+        }
+    };
+    let stream = match v.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(RequestError::WrongType("stream")),
+    };
+    let include_usage = v
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let max_tokens = match opt_u32(&v, "max_completion_tokens")? {
+        Some(m) => Some(m),
+        None => opt_u32(&v, "max_tokens")?,
+    };
+    let rag = match v.get("rag") {
+        Some(r) => RagBody {
+            collection: r
+                .get("collection")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            top_k: r
+                .get("top_k")
+                .and_then(Value::as_u64)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        },
+        None => RagBody::default(),
+    };
+    Ok(GenerationRequest {
+        endpoint,
+        model,
+        stream,
+        include_usage,
+        prompt_tokens,
+        prompt_key: fnv1a(prompt_text.as_bytes()),
+        max_tokens,
+        rag,
+    })
+}
+
+/// An embeddings request: model, per-input token counts and keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub inputs: Vec<(u32, u64)>,
+}
+
+pub fn parse_embedding(body: &[u8]) -> Result<EmbeddingRequest, RequestError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let input = v.get("input").ok_or(RequestError::Missing("input"))?;
+    let items: Vec<&Value> = match input {
+        Value::Array(a) if !a.is_empty() && !a.iter().all(Value::is_number) => a.iter().collect(),
+        other => vec![other],
+    };
+    let mut inputs = Vec::with_capacity(items.len());
+    for item in items {
+        let (tokens, text) =
+            completion_prompt(item).map_err(|_| RequestError::WrongType("input"))?;
+        inputs.push((tokens, fnv1a(text.as_bytes())));
+    }
+    Ok(EmbeddingRequest { model, inputs })
+}
+
+/// `{"error": {...}}` as vLLM's OpenAI server answers errors.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: u16) -> String {
+    json!({
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": code,
+        }
+    })
+    .to_string()
+}
+
+/// The OpenAI error `type` vLLM uses for an HTTP status.
+pub fn error_type_for(status: u16) -> &'static str {
+    match status {
+        400 => "BadRequestError",
+        401 => "AuthenticationError",
+        403 => "PermissionDeniedError",
+        404 => "NotFoundError",
+        408 => "TimeoutError",
+        422 => "UnprocessableEntityError",
+        429 => "RateLimitError",
+        503 => "ServiceUnavailableError",
+        s if s >= 500 => "InternalServerError",
+        _ => "BadRequestError",
+    }
+}
+
+/// Identity shared by every chunk of one response.
+#[derive(Clone, Debug)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub endpoint: Endpoint,
+}
+
+impl ResponseMeta {
+    fn object(&self, streaming: bool) -> &'static str {
+        match (self.endpoint, streaming) {
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    /// The role-only first chunk of a chat stream.
+    pub fn role_chunk(&self) -> String {
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": null,
+                "finish_reason": null,
+            }],
+        })
+        .to_string()
+    }
+
+    /// One token's chunk; the last token carries the finish reason.
+    pub fn token_chunk(&self, text: &str, finish: Option<&str>) -> String {
+        let choice = match self.endpoint {
+            Endpoint::Chat => match finish {
+                None => json!({
+                    "index": 0, "delta": {"content": text},
+                    "logprobs": null, "finish_reason": null,
+                }),
+                Some(f) => json!({
+                    "index": 0, "delta": {"content": text},
+                    "logprobs": null, "finish_reason": f, "stop_reason": null,
+                }),
+            },
+            Endpoint::Completion => json!({
+                "index": 0, "text": text, "logprobs": null,
+                "finish_reason": finish, "stop_reason": null,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+        .to_string()
+    }
+
+    /// The trailing usage chunk (`stream_options.include_usage`).
+    pub fn usage_chunk(&self, usage: &Value) -> String {
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage,
+        })
+        .to_string()
+    }
+
+    /// A complete non-streaming response.
+    pub fn full_response(&self, text: &str, finish: &str, usage: Option<&Value>) -> String {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": null,
+                "finish_reason": finish,
+                "stop_reason": null,
+            }),
+            Endpoint::Completion => json!({
+                "index": 0, "text": text, "logprobs": null,
+                "finish_reason": finish, "stop_reason": null,
+            }),
+        };
+        let mut body = json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if let (Some(u), Some(obj)) = (usage, body.as_object_mut()) {
+            obj.insert("usage".into(), u.clone());
+        }
+        body.to_string()
+    }
+}
+
+/// OpenAI `usage`; `prompt_tokens_details` only when enabled.
+pub fn usage_json(prompt: u32, completion: u32, cached: u32, details: bool) -> Value {
+    let mut u = json!({
+        "prompt_tokens": prompt,
+        "total_tokens": u64::from(prompt) + u64::from(completion),
+        "completion_tokens": completion,
+    });
+    if let Some(obj) = u.as_object_mut() {
+        let d = if details {
+            json!({"cached_tokens": cached})
+        } else {
+            Value::Null
+        };
+        obj.insert("prompt_tokens_details".into(), d);
+    }
+    u
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_prompt_tokens_follow_the_documented_rule() {
+        let body = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hello world"}]}],"max_tokens":5,"stream":true,"stream_options":{"include_usage":true}}"#;
+        let r = parse_generation(Endpoint::Chat, body).unwrap();
+        // 3 + (4 + ceil(8/4)) + (4 + ceil(11/4)) = 3 + 6 + 7
+        assert_eq!(r.prompt_tokens, 16);
+        assert_eq!(r.max_tokens, Some(5));
+        assert!(r.stream && r.include_usage);
+    }
+
+    #[test]
+    fn completion_prompt_forms() {
+        let r = parse_generation(
+            Endpoint::Completion,
+            br#"{"model":"m","prompt":"abcdefgh"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt_tokens, 2);
+        let r =
+            parse_generation(Endpoint::Completion, br#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
+        assert_eq!(r.prompt_tokens, 3);
+        let r = parse_generation(Endpoint::Completion, br#"{"prompt":["abcd","abcde"]}"#).unwrap();
+        assert_eq!(r.prompt_tokens, 3);
+    }
+
+    #[test]
+    fn max_completion_tokens_wins() {
+        let r = parse_generation(
+            Endpoint::Chat,
+            br#"{"messages":[],"max_tokens":9,"max_completion_tokens":4}"#,
+        )
+        .unwrap();
+        assert_eq!(r.max_tokens, Some(4));
+    }
+
+    #[test]
+    fn bad_bodies_are_errors() {
+        assert!(parse_generation(Endpoint::Chat, b"{").is_err());
+        assert_eq!(
+            parse_generation(Endpoint::Chat, br#"{"model":"m"}"#),
+            Err(RequestError::Missing("messages"))
+        );
+        assert!(parse_generation(Endpoint::Chat, br#"{"messages":[],"max_tokens":-1}"#).is_err());
+    }
+
+    #[test]
+    fn rag_body_fields() {
+        let r = parse_generation(
+            Endpoint::Chat,
+            br#"{"messages":[],"rag":{"collection":"docs","top_k":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.rag.collection.as_deref(), Some("docs"));
+        assert_eq!(r.rag.top_k, Some(7));
+    }
+
+    #[test]
+    fn chunks_have_vllm_shape() {
+        let m = ResponseMeta {
+            id: "chatcmpl-1".into(),
+            created: 1,
+            model: "m".into(),
+            endpoint: Endpoint::Chat,
+        };
+        let role: Value = serde_json::from_str(&m.role_chunk()).unwrap();
+        assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(role["object"], "chat.completion.chunk");
+        let last: Value = serde_json::from_str(&m.token_chunk("x", Some("length"))).unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        let u: Value = serde_json::from_str(&m.usage_chunk(&usage_json(3, 2, 0, true))).unwrap();
+        assert_eq!(u["choices"], json!([]));
+        assert_eq!(u["usage"]["total_tokens"], 5);
+        assert_eq!(u["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    }
+
+    #[test]
+    fn embedding_inputs() {
+        let e = parse_embedding(br#"{"model":"m","input":["abcd","abcdefgh"]}"#).unwrap();
+        assert_eq!(e.inputs.iter().map(|i| i.0).collect::<Vec<_>>(), vec![1, 2]);
+        let e = parse_embedding(br#"{"input":[5,6,7]}"#).unwrap();
+        assert_eq!(e.inputs.len(), 1);
+        assert_eq!(e.inputs[0].0, 3);
+    }
+}
