@@ -253,109 +253,89 @@ impl ResponseMeta {
         }
     }
 
+    /// `"id":..,"object":..,"created":..,"model":..` in vLLM's field order
+    /// (serde_json would sort the keys).
+    fn head(&self, streaming: bool) -> String {
+        format!(
+            r#""id":{},"object":"{}","created":{},"model":{}"#,
+            json_str(&self.id),
+            self.object(streaming),
+            self.created,
+            json_str(&self.model)
+        )
+    }
+
     /// The role-only first chunk of a chat stream.
     pub fn role_chunk(&self) -> String {
-        json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": null,
-                "finish_reason": null,
-            }],
-        })
-        .to_string()
+        format!(
+            r#"{{{},"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}]}}"#,
+            self.head(true)
+        )
     }
 
     /// One token's chunk; the last token carries the finish reason.
     pub fn token_chunk(&self, text: &str, finish: Option<&str>) -> String {
-        let choice = match self.endpoint {
-            Endpoint::Chat => match finish {
-                None => json!({
-                    "index": 0, "delta": {"content": text},
-                    "logprobs": null, "finish_reason": null,
-                }),
-                Some(f) => json!({
-                    "index": 0, "delta": {"content": text},
-                    "logprobs": null, "finish_reason": f, "stop_reason": null,
-                }),
-            },
-            Endpoint::Completion => json!({
-                "index": 0, "text": text, "logprobs": null,
-                "finish_reason": finish, "stop_reason": null,
-            }),
+        let choice = match (self.endpoint, finish) {
+            (Endpoint::Chat, None) => format!(
+                r#"{{"index":0,"delta":{{"content":{}}},"logprobs":null,"finish_reason":null}}"#,
+                json_str(text)
+            ),
+            (Endpoint::Chat, Some(f)) => format!(
+                r#"{{"index":0,"delta":{{"content":{}}},"logprobs":null,"finish_reason":{},"stop_reason":null}}"#,
+                json_str(text),
+                json_str(f)
+            ),
+            (Endpoint::Completion, f) => format!(
+                r#"{{"index":0,"text":{},"logprobs":null,"finish_reason":{},"stop_reason":null}}"#,
+                json_str(text),
+                f.map(json_str).unwrap_or_else(|| "null".into())
+            ),
         };
-        json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        })
-        .to_string()
+        format!(r#"{{{},"choices":[{choice}]}}"#, self.head(true))
     }
 
     /// The trailing usage chunk (`stream_options.include_usage`).
-    pub fn usage_chunk(&self, usage: &Value) -> String {
-        json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage,
-        })
-        .to_string()
+    pub fn usage_chunk(&self, usage: &str) -> String {
+        format!(r#"{{{},"choices":[],"usage":{usage}}}"#, self.head(true))
     }
 
     /// A complete non-streaming response.
-    pub fn full_response(&self, text: &str, finish: &str, usage: Option<&Value>) -> String {
+    pub fn full_response(&self, text: &str, finish: &str, usage: Option<&str>) -> String {
         let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "tool_calls": []},
-                "logprobs": null,
-                "finish_reason": finish,
-                "stop_reason": null,
-            }),
-            Endpoint::Completion => json!({
-                "index": 0, "text": text, "logprobs": null,
-                "finish_reason": finish, "stop_reason": null,
-            }),
+            Endpoint::Chat => format!(
+                r#"{{"index":0,"message":{{"role":"assistant","content":{},"tool_calls":[]}},"logprobs":null,"finish_reason":{},"stop_reason":null}}"#,
+                json_str(text),
+                json_str(finish)
+            ),
+            Endpoint::Completion => format!(
+                r#"{{"index":0,"text":{},"logprobs":null,"finish_reason":{},"stop_reason":null}}"#,
+                json_str(text),
+                json_str(finish)
+            ),
         };
-        let mut body = json!({
-            "id": self.id,
-            "object": self.object(false),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        });
-        if let (Some(u), Some(obj)) = (usage, body.as_object_mut()) {
-            obj.insert("usage".into(), u.clone());
-        }
-        body.to_string()
+        let usage = usage
+            .map(|u| format!(r#","usage":{u}"#))
+            .unwrap_or_default();
+        format!(r#"{{{},"choices":[{choice}]{usage}}}"#, self.head(false))
     }
 }
 
+/// A JSON string literal.
+fn json_str(s: &str) -> String {
+    Value::String(s.to_string()).to_string()
+}
+
 /// OpenAI `usage`; `prompt_tokens_details` only when enabled.
-pub fn usage_json(prompt: u32, completion: u32, cached: u32, details: bool) -> Value {
-    let mut u = json!({
-        "prompt_tokens": prompt,
-        "total_tokens": u64::from(prompt) + u64::from(completion),
-        "completion_tokens": completion,
-    });
-    if let Some(obj) = u.as_object_mut() {
-        let d = if details {
-            json!({"cached_tokens": cached})
-        } else {
-            Value::Null
-        };
-        obj.insert("prompt_tokens_details".into(), d);
-    }
-    u
+pub fn usage_json(prompt: u32, completion: u32, cached: u32, details: bool) -> String {
+    let details = if details {
+        format!(r#"{{"cached_tokens":{cached}}}"#)
+    } else {
+        "null".into()
+    };
+    format!(
+        r#"{{"prompt_tokens":{prompt},"total_tokens":{},"completion_tokens":{completion},"prompt_tokens_details":{details}}}"#,
+        u64::from(prompt) + u64::from(completion)
+    )
 }
 
 #[cfg(test)]

@@ -755,7 +755,7 @@ impl Job {
         token_text(self.state.args.seed, self.parsed.prompt_key, index)
     }
 
-    fn usage(&self, u: &Usage) -> serde_json::Value {
+    fn usage(&self, u: &Usage) -> String {
         usage_json(
             u.prompt_tokens,
             u.completion_tokens,
@@ -778,7 +778,7 @@ impl Job {
                     let body = self.meta.full_response(
                         &text,
                         self.finish_reason(),
-                        (!self.no_usage).then_some(&u),
+                        (!self.no_usage).then_some(u.as_str()),
                     );
                     return json_response(StatusCode::OK, body);
                 }
@@ -827,6 +827,9 @@ async fn run_stream(
                 sent += 1;
                 if job.reset_after == Some(sent) {
                     tracing::info!(id = %job.meta.id, after = sent, "resetting stream on purpose");
+                    // Let hyper flush the events already sent: a reset drops
+                    // whatever is still unsent in the socket buffer.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     reset.arm();
                     let _ = tx.send(Err(BodyError::InjectedReset)).await;
                     return;
