@@ -131,25 +131,37 @@ pub enum ExportResult {
     ///
     /// [`Ok`]: ExportResult::Ok
     HttpStatus(u16),
-    /// No answer: dispatch refused, connection failure, or timeout.
+    /// No answer: connection failure or timeout reported by the host.
     Failed,
+    /// The host refused to start the call (`dispatch_http_call` error, e.g.
+    /// an unknown cluster): a configuration problem, counted apart.
+    DispatchFailed,
 }
 
 /// Counters for the shell to publish as Envoy metrics. All `spans_*`,
 /// `exports_*` fields are monotonic; `queue_*` and `in_flight*` are gauges.
 ///
 /// Invariant: `spans_queued == spans_exported + spans_rejected
-/// + spans_dropped_export_failed + spans_in_flight + queue_len`.
+/// + spans_dropped_export_failed + spans_dropped_dispatch_failed
+/// + spans_in_flight + queue_len`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatcherStats {
+    /// Accepted into the queue (dropped-on-push spans are not counted here).
     pub spans_queued: u64,
     pub spans_exported: u64,
     /// Refused by the collector in an OTLP partial success.
     pub spans_rejected: u64,
     pub spans_dropped_queue_full: u64,
     pub spans_dropped_too_large: u64,
+    /// In exports that got a non-2xx answer, no answer, or expired.
     pub spans_dropped_export_failed: u64,
+    /// In exports the host refused to dispatch.
+    pub spans_dropped_dispatch_failed: u64,
+    /// Exports answered 2xx (partial successes included).
     pub exports_ok: u64,
+    /// Exports answered with a non-2xx status.
+    pub exports_http_error: u64,
+    /// Exports with no answer: failed, expired or not dispatched.
     pub exports_failed: u64,
     /// Exports written off after `in_flight_expiry_ms` (also in `exports_failed`).
     pub exports_expired: u64,
@@ -271,21 +283,28 @@ impl Batcher {
             return false;
         };
         let done = self.in_flight.swap_remove(index);
-        let rejected = match result {
-            ExportResult::Ok => Some(0),
-            ExportResult::HttpStatus(code) if (200..300).contains(&code) => Some(0),
-            ExportResult::PartialSuccess { rejected_spans } => Some(rejected_spans.min(done.spans)),
-            ExportResult::HttpStatus(_) | ExportResult::Failed => None,
+        let stats = &mut self.stats;
+        let accepted = |stats: &mut BatcherStats, rejected: u64| {
+            let rejected = rejected.min(done.spans);
+            stats.exports_ok += 1;
+            stats.spans_exported += done.spans - rejected;
+            stats.spans_rejected += rejected;
         };
-        match rejected {
-            Some(rejected) => {
-                self.stats.exports_ok += 1;
-                self.stats.spans_exported += done.spans - rejected;
-                self.stats.spans_rejected += rejected;
+        match result {
+            ExportResult::Ok => accepted(stats, 0),
+            ExportResult::HttpStatus(code) if (200..300).contains(&code) => accepted(stats, 0),
+            ExportResult::PartialSuccess { rejected_spans } => accepted(stats, rejected_spans),
+            ExportResult::HttpStatus(_) => {
+                stats.exports_http_error += 1;
+                stats.spans_dropped_export_failed += done.spans;
             }
-            None => {
-                self.stats.exports_failed += 1;
-                self.stats.spans_dropped_export_failed += done.spans;
+            ExportResult::Failed => {
+                stats.exports_failed += 1;
+                stats.spans_dropped_export_failed += done.spans;
+            }
+            ExportResult::DispatchFailed => {
+                stats.exports_failed += 1;
+                stats.spans_dropped_dispatch_failed += done.spans;
             }
         }
         true
@@ -357,6 +376,7 @@ mod tests {
             stats.spans_exported
                 + stats.spans_rejected
                 + stats.spans_dropped_export_failed
+                + stats.spans_dropped_dispatch_failed
                 + stats.spans_in_flight
                 + stats.queue_len,
             "{stats:?}"
@@ -445,7 +465,14 @@ mod tests {
         assert_eq!(stats.spans_queued, 6);
         assert_eq!(stats.spans_exported, 5);
         assert_eq!(stats.spans_dropped_export_failed, 1);
-        assert_eq!((stats.exports_ok, stats.exports_failed), (2, 1));
+        assert_eq!(
+            (
+                stats.exports_ok,
+                stats.exports_http_error,
+                stats.exports_failed
+            ),
+            (2, 1, 0)
+        );
         assert_eq!(
             (stats.queue_len, stats.queue_bytes, stats.in_flight),
             (0, 0, 0)
@@ -567,8 +594,11 @@ mod tests {
     /// How the modelled collector treats an export.
     #[derive(Clone, Copy, Debug)]
     enum Collector {
-        /// Connection refused: the shell reports `Failed` immediately.
+        /// Connection refused: Envoy answers the call at once with a local
+        /// 503 ("upstream connect error").
         Down,
+        /// The host refuses the call (e.g. the cluster does not exist).
+        Misconfigured,
         /// Accepts the connection and never answers (callback lost).
         BlackHole,
         /// Answers 503 after `delay_ms`.
@@ -599,7 +629,10 @@ mod tests {
             while let Some(batch) = batcher.poll_flush(now) {
                 match collector {
                     Collector::Down => {
-                        batcher.on_export_result(batch.id, ExportResult::Failed);
+                        batcher.on_export_result(batch.id, ExportResult::HttpStatus(503));
+                    }
+                    Collector::Misconfigured => {
+                        batcher.on_export_result(batch.id, ExportResult::DispatchFailed);
                     }
                     Collector::BlackHole => pending.push_back((u64::MAX, batch)),
                     Collector::Slow5xx { delay_ms } | Collector::SlowOk { delay_ms } => {
@@ -647,6 +680,7 @@ mod tests {
         let bound = (config.max_queue_spans + config.max_in_flight * config.max_batch_spans) as u64;
         for collector in [
             Collector::Down,
+            Collector::Misconfigured,
             Collector::BlackHole,
             Collector::Slow5xx { delay_ms: 5_000 },
         ] {
@@ -654,10 +688,14 @@ mod tests {
             assert!(peak <= bound, "{collector:?}: peak {peak} > {bound}");
             assert_eq!(stats.spans_exported, 0, "{collector:?}");
             assert_eq!(stats.exports_ok, 0, "{collector:?}");
-            assert!(stats.exports_failed > 0, "{collector:?}");
+            assert!(
+                stats.exports_failed + stats.exports_http_error > 0,
+                "{collector:?}"
+            );
             // Everything offered is dropped (and counted) or still waiting.
             assert_eq!(
                 stats.spans_dropped_export_failed
+                    + stats.spans_dropped_dispatch_failed
                     + stats.spans_dropped_queue_full
                     + stats.queue_len
                     + stats.spans_in_flight,
@@ -674,7 +712,7 @@ mod tests {
     #[test]
     fn healthy_but_slow_collector_loses_spans_only_to_queue_full() {
         let (stats, _) = run_against(Collector::SlowOk { delay_ms: 200 });
-        assert_eq!(stats.exports_failed, 0);
+        assert_eq!(stats.exports_failed + stats.exports_http_error, 0);
         assert_eq!(stats.spans_dropped_export_failed, 0);
         // 2 exports of 256 per 200 ms = 2560 spans/s keeps up with 1000/s.
         assert_eq!(stats.spans_dropped_queue_full, 0);
@@ -703,7 +741,7 @@ mod tests {
             4 => (0usize..1_500).prop_map(Op::Push),
             2 => (0u64..300).prop_map(Op::Poll),
             1 => (0u64..50).prop_map(Op::Take),
-            2 => (any::<usize>(), 0u8..5).prop_map(|(i, r)| Op::Result(i, r)),
+            2 => (any::<usize>(), 0u8..6).prop_map(|(i, r)| Op::Result(i, r)),
         ]
     }
 
@@ -774,6 +812,7 @@ mod tests {
                                 1 => ExportResult::HttpStatus(204),
                                 2 => ExportResult::HttpStatus(500),
                                 3 => ExportResult::PartialSuccess { rejected_spans: 1 },
+                                4 => ExportResult::DispatchFailed,
                                 _ => ExportResult::Failed,
                             };
                             batcher.on_export_result(batch.id, result);
@@ -788,13 +827,14 @@ mod tests {
                 prop_assert_eq!(
                     stats.spans_queued,
                     stats.spans_exported + stats.spans_rejected + stats.spans_dropped_export_failed
-                        + stats.spans_in_flight + stats.queue_len
+                        + stats.spans_dropped_dispatch_failed + stats.spans_in_flight + stats.queue_len
                 );
                 prop_assert_eq!(
                     pushed,
                     stats.spans_queued + stats.spans_dropped_queue_full + stats.spans_dropped_too_large
                 );
-                prop_assert_eq!(stats.exports_ok + stats.exports_failed + stats.in_flight,
+                prop_assert_eq!(
+                    stats.exports_ok + stats.exports_http_error + stats.exports_failed + stats.in_flight,
                     batcher.next_id - 1);
             }
         }

@@ -554,9 +554,10 @@ mod tests {
         assert_eq!(field(&field(&raw_span, 15), 3), vec![1]);
     }
 
-    /// A fixed span whose encoding is also decoded by the Python
-    /// `opentelemetry-proto` package in `tests/e2e/test_otlp_receiver.py`
-    /// (constant `RUST_GOLDEN_HEX`): if this changes, update both.
+    /// A fixed span whose encoding is pinned in `otlp_golden.hex`, which
+    /// `tests/e2e/test_otlp_receiver.py` also decodes with the Python
+    /// `opentelemetry-proto` package and checks field by field. If the
+    /// encoding changes on purpose, regenerate the file and rerun that test.
     fn golden_span() -> SpanRecord {
         let header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let parent = SpanContext::from_headers(header, None).unwrap();
@@ -597,7 +598,7 @@ mod tests {
         assert_eq!(
             hex(&body),
             RUST_GOLDEN_HEX.trim(),
-            "regenerate otlp_golden.hex and the Python copy"
+            "encoding changed: regenerate otlp_golden.hex, rerun test_otlp_receiver.py"
         );
     }
 
