@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 
-use super::context::{SpanContext, SpanId, TraceFlags};
+use super::context::{SpanContext, SpanId, TraceFlags, TraceId};
 use super::ids::IdGenerator;
 
 /// `ParentBased(TraceIdRatioBased(ratio))`.
@@ -67,7 +67,7 @@ impl Sampler {
     }
 
     /// The root decision for a trace id (used when there is no parent).
-    pub fn samples_root(&self, trace_id: &super::context::TraceId) -> bool {
+    pub fn samples_root(&self, trace_id: &TraceId) -> bool {
         match self.upper_bound {
             None => true,
             Some(bound) => (trace_id.low_u64() >> 1) < bound,
@@ -146,7 +146,7 @@ impl SpanStart {
 
 #[cfg(test)]
 mod tests {
-    use super::super::context::{parse_traceparent, TraceId};
+    use super::super::context::parse_traceparent;
     use super::super::ids::{trace_id_from_parts, XoshiroIdGenerator};
     use super::*;
     use proptest::prelude::*;
