@@ -4,4 +4,15 @@
 //! through the small traits in [`host`], so the whole request lifecycle is
 //! exercised by plain `cargo test` on the build machine.
 
+pub mod config;
+pub mod host;
+pub mod inject;
+pub mod json_scan;
+pub mod labels;
+pub mod metrics;
+pub mod openai;
+pub mod rag;
+pub mod request;
+pub mod sse;
+pub mod state;
 pub mod trace;

@@ -1,0 +1,49 @@
+//! The host seam: everything the filter needs from Envoy, as small traits.
+//!
+//! The proxy-wasm shell implements these with raw host calls; tests implement
+//! them with plain structs, so the request lifecycle and the metric encoding
+//! run under `cargo test` exactly as they run inside Envoy.
+
+/// Read access to the current HTTP stream.
+pub trait HttpView {
+    /// A request header (lower-case name), as raw bytes.
+    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// A response header (lower-case name), as raw bytes.
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// An Envoy attribute, e.g. `["xds", "route_name"]`.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+}
+
+/// Wall-clock time in nanoseconds since the Unix epoch.
+///
+/// proxy-wasm only offers wall-clock time; durations computed from it are
+/// clamped at zero so a clock step never yields a negative duration.
+pub trait Clock {
+    fn now_nanos(&self) -> u64;
+}
+
+/// Kind of an Envoy stat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A failed host call (the host answered with an unexpected status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("host call failed with status {0}")]
+pub struct HostError(pub u32);
+
+/// Envoy's stats API as proxy-wasm exposes it: metrics have no labels, so
+/// labels travel inside the name (see [`crate::metrics`]).
+pub trait MetricsHost {
+    fn define(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError>;
+    fn increment(&mut self, id: u32, delta: i64) -> Result<(), HostError>;
+    fn record(&mut self, id: u32, value: u64) -> Result<(), HostError>;
+}
+
+/// Milliseconds between two host timestamps, clamped at zero.
+pub fn millis_between(start_ns: u64, end_ns: u64) -> u64 {
+    end_ns.saturating_sub(start_ns) / 1_000_000
+}

@@ -1,0 +1,945 @@
+//! A resumable, allocation-bounded JSON scanner.
+//!
+//! The filter must read a few fields (`model`, `stream`, `usage.*`, ...) out of
+//! request and response bodies that arrive in arbitrary chunks, without ever
+//! pausing or buffering the body. This scanner consumes bytes as they come and
+//! reports every scalar together with its path (`usage.prompt_tokens`,
+//! `choices[].delta.content`) to a [`JsonVisitor`]. Its memory is fixed: a
+//! bounded path stack, a bounded key buffer and a bounded value prefix, so a
+//! 100 MB body costs the same memory as a 100 byte one.
+//!
+//! Strings are decoded from bytes at the end of each string, so a multi-byte
+//! UTF-8 character split across chunks is handled naturally.
+
+/// Longest object key that is tracked; longer keys never match a path.
+pub const MAX_KEY_LEN: usize = 64;
+/// Longest string prefix handed to the visitor; the full length is reported.
+pub const MAX_VALUE_PREFIX: usize = 128;
+/// Deepest nesting whose keys are tracked; deeper values are still scanned
+/// (for well-formedness) but reported with `path_complete == false`.
+pub const MAX_TRACKED_DEPTH: usize = 8;
+/// Nesting beyond this is refused as abuse (the scanner stops with an error).
+pub const MAX_DEPTH: usize = 256;
+
+/// One step of a JSON path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment<'a> {
+    /// An object member; the key bytes as decoded (at most [`MAX_KEY_LEN`]).
+    Key(&'a [u8]),
+    /// An array element (indices are not tracked: `choices[]`).
+    Index,
+}
+
+/// The path of the value being reported, outermost first.
+#[derive(Clone, Copy, Debug)]
+pub struct Path<'a> {
+    segments: &'a [SegmentBuf],
+    /// False when the value sits deeper than [`MAX_TRACKED_DEPTH`] or under an
+    /// over-long key, so its path cannot be trusted for matching.
+    pub complete: bool,
+}
+
+impl<'a> Path<'a> {
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<Segment<'a>> {
+        self.segments.get(i).map(SegmentBuf::as_segment)
+    }
+
+    /// True when the path is exactly `pattern`, where `"[]"` matches an array
+    /// element and any other string an object key. `matches(&["usage",
+    /// "prompt_tokens"])`.
+    pub fn matches(&self, pattern: &[&str]) -> bool {
+        self.complete
+            && self.segments.len() == pattern.len()
+            && self
+                .segments
+                .iter()
+                .zip(pattern)
+                .all(|(seg, pat)| match seg.as_segment() {
+                    Segment::Index => *pat == "[]",
+                    Segment::Key(k) => *pat != "[]" && k == pat.as_bytes(),
+                })
+    }
+
+    /// Like [`Path::matches`] with a pre-split owned pattern (configured paths).
+    pub fn matches_owned(&self, pattern: &[String]) -> bool {
+        self.complete
+            && self.segments.len() == pattern.len()
+            && self
+                .segments
+                .iter()
+                .zip(pattern)
+                .all(|(seg, pat)| match seg.as_segment() {
+                    Segment::Index => pat == "[]",
+                    Segment::Key(k) => pat != "[]" && k == pat.as_bytes(),
+                })
+    }
+}
+
+/// A scalar value as seen by the visitor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scalar<'a> {
+    /// A string: its first bytes (at most [`MAX_VALUE_PREFIX`], cut on a
+    /// UTF-8 boundary) and its full decoded length in bytes.
+    Str {
+        prefix: &'a str,
+        len: usize,
+    },
+    /// A number, as written (bounded), e.g. `"42"`, `"1.5e3"`.
+    Num(&'a str),
+    Bool(bool),
+    Null,
+}
+
+impl Scalar<'_> {
+    /// The value as an unsigned integer, when it is a non-negative integral
+    /// number (token counts). Floats with a zero fraction are accepted.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Scalar::Num(s) => {
+                if let Ok(v) = s.parse::<u64>() {
+                    return Some(v);
+                }
+                let f: f64 = s.parse().ok()?;
+                (f >= 0.0 && f.fract() == 0.0 && f < 1.8e19).then_some(f as u64)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Scalar::Num(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The string prefix, when the value is a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Scalar::Str { prefix, .. } => Some(prefix),
+            _ => None,
+        }
+    }
+}
+
+/// Kind of container being entered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Container {
+    Object,
+    Array,
+}
+
+/// Receives what the scanner finds. Both methods default to doing nothing.
+pub trait JsonVisitor {
+    fn scalar(&mut self, _path: &Path<'_>, _value: Scalar<'_>) {}
+    fn enter(&mut self, _path: &Path<'_>, _kind: Container) {}
+}
+
+/// Why the scanner stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanError {
+    /// A byte that cannot appear at this position.
+    Syntax { offset: u64 },
+    /// Nesting deeper than [`MAX_DEPTH`].
+    TooDeep,
+    /// A second top-level value after the first one finished.
+    TrailingData,
+}
+
+/// Where the scanner stands once input ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanStatus {
+    /// Nothing but whitespace so far.
+    Empty,
+    /// Inside a value.
+    Incomplete,
+    /// One complete top-level value was read.
+    Complete,
+    Failed(ScanError),
+}
+
+#[derive(Clone, Debug)]
+struct SegmentBuf {
+    key: [u8; MAX_KEY_LEN],
+    len: u8,
+    is_index: bool,
+    /// The key was longer than [`MAX_KEY_LEN`]: never matches.
+    overlong: bool,
+}
+
+impl SegmentBuf {
+    fn as_segment(&self) -> Segment<'_> {
+        if self.is_index {
+            Segment::Index
+        } else {
+            Segment::Key(&self.key[..self.len as usize])
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrameKind {
+    Object,
+    Array,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Frame {
+    kind: FrameKind,
+    /// Whether this container currently contributes a path segment (the
+    /// array's `[]`, or the object's current member key).
+    has_segment: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Expecting a value (top level, after `:` or after `,` in an array).
+    Value,
+    /// After `[`: a value or `]`.
+    ArrayFirst,
+    /// After `{`: a key or `}`.
+    ObjectFirst,
+    /// After `,` in an object: a key.
+    ObjectKey,
+    /// After a key: `:`.
+    Colon,
+    /// After a value inside a container: `,` or the closing bracket.
+    AfterValue,
+    InString,
+    Escape,
+    Unicode,
+    Number,
+    Literal,
+    Done,
+    Failed(ScanError),
+}
+
+const MAX_NUMBER_LEN: usize = 40;
+
+/// The scanner. Feed it with [`JsonScanner::feed`]; reuse it with
+/// [`JsonScanner::reset`].
+#[derive(Clone, Debug)]
+pub struct JsonScanner {
+    state: State,
+    started: bool,
+    frames: Vec<Frame>,
+    /// Path segments for the first [`MAX_TRACKED_DEPTH`] levels.
+    path: Vec<SegmentBuf>,
+    /// Logical path length (may exceed `path.len()`).
+    depth: usize,
+    string_is_key: bool,
+    buf: [u8; MAX_VALUE_PREFIX + 4],
+    buf_len: usize,
+    str_len: usize,
+    unicode_acc: u32,
+    unicode_digits: u8,
+    high_surrogate: Option<u32>,
+    literal: &'static [u8],
+    literal_pos: u8,
+    offset: u64,
+}
+
+impl Default for JsonScanner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JsonScanner {
+    pub fn new() -> Self {
+        Self {
+            state: State::Value,
+            started: false,
+            frames: Vec::new(),
+            path: Vec::new(),
+            depth: 0,
+            string_is_key: false,
+            buf: [0; MAX_VALUE_PREFIX + 4],
+            buf_len: 0,
+            str_len: 0,
+            unicode_acc: 0,
+            unicode_digits: 0,
+            high_surrogate: None,
+            literal: b"",
+            literal_pos: 0,
+            offset: 0,
+        }
+    }
+
+    /// Forgets everything, keeping allocations.
+    pub fn reset(&mut self) {
+        self.state = State::Value;
+        self.started = false;
+        self.frames.clear();
+        self.path.clear();
+        self.depth = 0;
+        self.buf_len = 0;
+        self.str_len = 0;
+        self.offset = 0;
+        self.high_surrogate = None;
+    }
+
+    pub fn status(&self) -> ScanStatus {
+        match self.state {
+            State::Failed(e) => ScanStatus::Failed(e),
+            State::Done => ScanStatus::Complete,
+            _ if !self.started => ScanStatus::Empty,
+            _ => ScanStatus::Incomplete,
+        }
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Signals the end of input. A top-level number has no terminator, so it
+    /// is only reported here.
+    pub fn finish<V: JsonVisitor>(&mut self, visitor: &mut V) -> ScanStatus {
+        if self.state == State::Number && self.frames.is_empty() {
+            self.emit_number(visitor);
+            self.state = State::Done;
+        }
+        self.status()
+    }
+
+    /// Consumes `input`. Once the scanner has failed, further input is ignored.
+    pub fn feed<V: JsonVisitor>(&mut self, input: &[u8], visitor: &mut V) {
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                State::Failed(_) => return,
+                State::InString => {
+                    // Fast path: copy up to the next quote, backslash or control byte.
+                    let rest = &input[i..];
+                    let stop = rest
+                        .iter()
+                        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                        .unwrap_or(rest.len());
+                    self.push_str_bytes(&rest[..stop]);
+                    i += stop;
+                    self.offset += stop as u64;
+                    if i < input.len() {
+                        self.step(input[i], visitor);
+                        i += 1;
+                        self.offset += 1;
+                    }
+                }
+                _ => {
+                    self.step(input[i], visitor);
+                    i += 1;
+                    self.offset += 1;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, err: ScanError) {
+        self.state = State::Failed(err);
+    }
+
+    fn syntax(&mut self) {
+        let offset = self.offset;
+        self.fail(ScanError::Syntax { offset });
+    }
+
+    fn step<V: JsonVisitor>(&mut self, b: u8, visitor: &mut V) {
+        match self.state {
+            State::Failed(_) => {}
+            State::Done => {
+                if !is_ws(b) {
+                    self.fail(ScanError::TrailingData);
+                }
+            }
+            State::Value | State::ArrayFirst => {
+                if is_ws(b) {
+                    return;
+                }
+                if self.state == State::ArrayFirst && b == b']' {
+                    self.close(FrameKind::Array);
+                    return;
+                }
+                self.begin_value(b, visitor);
+            }
+            State::ObjectFirst | State::ObjectKey => {
+                if is_ws(b) {
+                    return;
+                }
+                if b == b'"' {
+                    self.string_is_key = true;
+                    self.buf_len = 0;
+                    self.str_len = 0;
+                    self.state = State::InString;
+                } else if b == b'}' && self.state == State::ObjectFirst {
+                    self.close(FrameKind::Object);
+                } else {
+                    self.syntax();
+                }
+            }
+            State::Colon => {
+                if is_ws(b) {
+                    return;
+                }
+                if b == b':' {
+                    self.state = State::Value;
+                } else {
+                    self.syntax();
+                }
+            }
+            State::AfterValue => {
+                if is_ws(b) {
+                    return;
+                }
+                match (b, self.frames.last().map(|f| f.kind)) {
+                    (b',', Some(FrameKind::Object)) => {
+                        self.pop_member_key();
+                        self.state = State::ObjectKey;
+                    }
+                    (b',', Some(FrameKind::Array)) => self.state = State::Value,
+                    (b'}', Some(FrameKind::Object)) => self.close(FrameKind::Object),
+                    (b']', Some(FrameKind::Array)) => self.close(FrameKind::Array),
+                    _ => self.syntax(),
+                }
+            }
+            State::InString => match b {
+                b'"' => self.end_string(visitor),
+                b'\\' => self.state = State::Escape,
+                0..=0x1f => self.syntax(),
+                _ => self.push_str_bytes(&[b]),
+            },
+            State::Escape => {
+                let decoded = match b {
+                    b'"' => b'"',
+                    b'\\' => b'\\',
+                    b'/' => b'/',
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    b'u' => {
+                        self.unicode_acc = 0;
+                        self.unicode_digits = 0;
+                        self.state = State::Unicode;
+                        return;
+                    }
+                    _ => {
+                        self.syntax();
+                        return;
+                    }
+                };
+                self.flush_surrogate();
+                self.push_str_bytes(&[decoded]);
+                self.state = State::InString;
+            }
+            State::Unicode => {
+                let Some(d) = (b as char).to_digit(16) else {
+                    self.syntax();
+                    return;
+                };
+                self.unicode_acc = (self.unicode_acc << 4) | d;
+                self.unicode_digits += 1;
+                if self.unicode_digits == 4 {
+                    self.push_code_unit(self.unicode_acc);
+                    self.state = State::InString;
+                }
+            }
+            State::Number => {
+                if matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                    if self.buf_len < MAX_NUMBER_LEN {
+                        self.buf[self.buf_len] = b;
+                        self.buf_len += 1;
+                    }
+                    return;
+                }
+                self.emit_number(visitor);
+                self.after_value();
+                // The terminator belongs to the enclosing context.
+                self.step(b, visitor);
+            }
+            State::Literal => {
+                let pos = self.literal_pos as usize;
+                if self.literal.get(pos) != Some(&b) {
+                    self.syntax();
+                    return;
+                }
+                self.literal_pos += 1;
+                if self.literal_pos as usize == self.literal.len() {
+                    let value = match self.literal {
+                        b"true" => Scalar::Bool(true),
+                        b"false" => Scalar::Bool(false),
+                        _ => Scalar::Null,
+                    };
+                    let path = self.current_path();
+                    visitor.scalar(&path, value);
+                    self.after_value();
+                }
+            }
+        }
+    }
+
+    fn begin_value<V: JsonVisitor>(&mut self, b: u8, visitor: &mut V) {
+        self.started = true;
+        match b {
+            b'{' | b'[' => {
+                if self.frames.len() >= MAX_DEPTH {
+                    self.fail(ScanError::TooDeep);
+                    return;
+                }
+                let kind = if b == b'{' {
+                    Container::Object
+                } else {
+                    Container::Array
+                };
+                {
+                    let path = self.current_path();
+                    visitor.enter(&path, kind);
+                }
+                if b == b'{' {
+                    self.frames.push(Frame {
+                        kind: FrameKind::Object,
+                        has_segment: false,
+                    });
+                    self.state = State::ObjectFirst;
+                } else {
+                    self.frames.push(Frame {
+                        kind: FrameKind::Array,
+                        has_segment: true,
+                    });
+                    self.push_segment(None);
+                    self.state = State::ArrayFirst;
+                }
+            }
+            b'"' => {
+                self.string_is_key = false;
+                self.buf_len = 0;
+                self.str_len = 0;
+                self.state = State::InString;
+            }
+            b'-' | b'0'..=b'9' => {
+                self.buf[0] = b;
+                self.buf_len = 1;
+                self.state = State::Number;
+            }
+            b't' => self.start_literal(b"true"),
+            b'f' => self.start_literal(b"false"),
+            b'n' => self.start_literal(b"null"),
+            _ => self.syntax(),
+        }
+    }
+
+    fn start_literal(&mut self, lit: &'static [u8]) {
+        self.literal = lit;
+        self.literal_pos = 1;
+        self.state = State::Literal;
+    }
+
+    fn close(&mut self, kind: FrameKind) {
+        match self.frames.last() {
+            Some(f) if f.kind == kind => {}
+            _ => {
+                self.syntax();
+                return;
+            }
+        }
+        if let Some(frame) = self.frames.pop() {
+            if frame.has_segment {
+                self.pop_segment();
+            }
+        }
+        self.after_value();
+    }
+
+    fn after_value(&mut self) {
+        self.state = if self.frames.is_empty() {
+            State::Done
+        } else {
+            State::AfterValue
+        };
+    }
+
+    /// Pushes a path segment: `None` for an array element, else the key in `buf`.
+    fn push_segment(&mut self, key: Option<(&[u8], bool)>) {
+        self.depth += 1;
+        if self.path.len() < MAX_TRACKED_DEPTH && self.depth == self.path.len() + 1 {
+            let mut seg = SegmentBuf {
+                key: [0; MAX_KEY_LEN],
+                len: 0,
+                is_index: key.is_none(),
+                overlong: false,
+            };
+            if let Some((bytes, overlong)) = key {
+                let n = bytes.len().min(MAX_KEY_LEN);
+                seg.key[..n].copy_from_slice(&bytes[..n]);
+                seg.len = n as u8;
+                seg.overlong = overlong;
+            }
+            self.path.push(seg);
+        }
+    }
+
+    fn pop_segment(&mut self) {
+        if self.depth == 0 {
+            return;
+        }
+        if self.path.len() == self.depth {
+            self.path.pop();
+        }
+        self.depth -= 1;
+    }
+
+    fn pop_member_key(&mut self) {
+        if let Some(frame) = self.frames.last_mut() {
+            if frame.has_segment {
+                frame.has_segment = false;
+                self.pop_segment();
+            }
+        }
+    }
+
+    fn current_path(&self) -> Path<'_> {
+        Path {
+            segments: &self.path,
+            complete: self.depth == self.path.len() && !self.path.iter().any(|s| s.overlong),
+        }
+    }
+
+    fn push_str_bytes(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        // A high surrogate followed by anything but a low one is malformed.
+        if self.high_surrogate.take().is_some() {
+            self.push_str_bytes("\u{FFFD}".as_bytes());
+        }
+        self.str_len += bytes.len();
+        let limit = if self.string_is_key {
+            MAX_KEY_LEN + 1
+        } else {
+            MAX_VALUE_PREFIX
+        };
+        let room = limit.saturating_sub(self.buf_len);
+        let n = room.min(bytes.len());
+        self.buf[self.buf_len..self.buf_len + n].copy_from_slice(&bytes[..n]);
+        self.buf_len += n;
+    }
+
+    fn push_code_unit(&mut self, unit: u32) {
+        if (0xD800..0xDC00).contains(&unit) {
+            self.flush_surrogate();
+            self.high_surrogate = Some(unit);
+            return;
+        }
+        let scalar = if (0xDC00..0xE000).contains(&unit) {
+            match self.high_surrogate.take() {
+                Some(high) => 0x10000 + ((high - 0xD800) << 10) + (unit - 0xDC00),
+                None => 0xFFFD,
+            }
+        } else {
+            self.flush_surrogate();
+            unit
+        };
+        let c = char::from_u32(scalar).unwrap_or('\u{FFFD}');
+        let mut tmp = [0u8; 4];
+        let bytes = c.encode_utf8(&mut tmp).as_bytes();
+        self.push_str_bytes(bytes);
+    }
+
+    fn flush_surrogate(&mut self) {
+        if self.high_surrogate.take().is_some() {
+            self.push_str_bytes("\u{FFFD}".as_bytes());
+        }
+    }
+
+    fn end_string<V: JsonVisitor>(&mut self, visitor: &mut V) {
+        self.flush_surrogate();
+        if self.string_is_key {
+            let overlong = self.str_len > MAX_KEY_LEN;
+            let n = self.buf_len.min(MAX_KEY_LEN);
+            let mut key = [0u8; MAX_KEY_LEN];
+            key[..n].copy_from_slice(&self.buf[..n]);
+            self.push_segment(Some((&key[..n], overlong)));
+            if let Some(frame) = self.frames.last_mut() {
+                frame.has_segment = true;
+            }
+            self.state = State::Colon;
+            return;
+        }
+        let len = self.str_len;
+        let prefix_len = utf8_prefix_len(&self.buf[..self.buf_len]);
+        // Copied out so the visitor can borrow the path at the same time.
+        let mut tmp = [0u8; MAX_VALUE_PREFIX];
+        tmp[..prefix_len].copy_from_slice(&self.buf[..prefix_len]);
+        let prefix = std::str::from_utf8(&tmp[..prefix_len]).unwrap_or("");
+        let path = self.current_path();
+        visitor.scalar(&path, Scalar::Str { prefix, len });
+        self.after_value();
+    }
+
+    fn emit_number<V: JsonVisitor>(&mut self, visitor: &mut V) {
+        let mut tmp = [0u8; MAX_NUMBER_LEN];
+        let n = self.buf_len.min(MAX_NUMBER_LEN);
+        tmp[..n].copy_from_slice(&self.buf[..n]);
+        let text = std::str::from_utf8(&tmp[..n]).unwrap_or("");
+        let path = self.current_path();
+        visitor.scalar(&path, Scalar::Num(text));
+    }
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Length of the longest prefix of `bytes` that is valid UTF-8, so a value cut
+/// at [`MAX_VALUE_PREFIX`] never ends in half a character.
+fn utf8_prefix_len(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        Err(e) => e.valid_up_to(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Records every scalar as (dotted path, rendered value).
+    #[derive(Default, Debug, PartialEq)]
+    struct Collect {
+        scalars: Vec<(String, String)>,
+        entered: Vec<(String, Container)>,
+    }
+
+    fn render_path(path: &Path<'_>) -> String {
+        let mut out = String::new();
+        for i in 0..path.len() {
+            match path.get(i) {
+                Some(Segment::Key(k)) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(&String::from_utf8_lossy(k));
+                }
+                Some(Segment::Index) => out.push_str("[]"),
+                None => {}
+            }
+        }
+        if !path.complete {
+            out.push_str("...");
+        }
+        out
+    }
+
+    impl JsonVisitor for Collect {
+        fn scalar(&mut self, path: &Path<'_>, value: Scalar<'_>) {
+            let v = match value {
+                Scalar::Str { prefix, len } => format!("s:{prefix}:{len}"),
+                Scalar::Num(n) => format!("n:{n}"),
+                Scalar::Bool(b) => format!("b:{b}"),
+                Scalar::Null => "null".into(),
+            };
+            self.scalars.push((render_path(path), v));
+        }
+        fn enter(&mut self, path: &Path<'_>, kind: Container) {
+            self.entered.push((render_path(path), kind));
+        }
+    }
+
+    fn scan_chunks(chunks: &[&[u8]]) -> (Collect, ScanStatus) {
+        let mut sc = JsonScanner::new();
+        let mut c = Collect::default();
+        for ch in chunks {
+            sc.feed(ch, &mut c);
+        }
+        let st = sc.finish(&mut c);
+        (c, st)
+    }
+
+    #[test]
+    fn reports_paths_of_an_openai_chunk() {
+        let body = br#"{"id":"x","model":"mistral-7b","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"},"finish_reason":null}],"usage":{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#;
+        let (c, st) = scan_chunks(&[body]);
+        assert_eq!(st, ScanStatus::Complete);
+        let get = |p: &str| {
+            c.scalars
+                .iter()
+                .find(|(k, _)| k == p)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("model").as_deref(), Some("s:mistral-7b:10"));
+        assert_eq!(get("choices[].delta.content").as_deref(), Some("s:Hi:2"));
+        assert_eq!(get("choices[].finish_reason").as_deref(), Some("null"));
+        assert_eq!(get("usage.prompt_tokens").as_deref(), Some("n:12"));
+        assert_eq!(
+            get("usage.prompt_tokens_details.cached_tokens").as_deref(),
+            Some("n:8")
+        );
+        assert!(c
+            .entered
+            .contains(&("choices".to_string(), Container::Array)));
+    }
+
+    #[test]
+    fn path_matching_distinguishes_keys_and_indices() {
+        struct M(bool);
+        impl JsonVisitor for M {
+            fn scalar(&mut self, path: &Path<'_>, _v: Scalar<'_>) {
+                if path.matches(&["choices", "[]", "text"]) {
+                    self.0 = true;
+                }
+            }
+        }
+        let mut m = M(false);
+        let mut sc = JsonScanner::new();
+        sc.feed(br#"{"choices":[{"text":"a"}]}"#, &mut m);
+        assert!(m.0);
+        let mut m = M(false);
+        sc.reset();
+        sc.feed(br#"{"choices":{"[]":{"text":"a"}}}"#, &mut m);
+        assert!(!m.0, "an object key spelled [] is not an array index");
+    }
+
+    #[test]
+    fn decodes_escapes_and_surrogate_pairs() {
+        let (c, st) = scan_chunks(&[br#"{"m":"a\"b\\c\u00e9\ud83d\ude00\n"}"#]);
+        assert_eq!(st, ScanStatus::Complete);
+        assert_eq!(c.scalars[0].1, "s:a\"b\\cé😀\n:12");
+    }
+
+    #[test]
+    fn lone_surrogates_become_replacement_characters() {
+        let (c, _) = scan_chunks(&[br#"{"m":"\ud83dx\ude00"}"#]);
+        assert_eq!(c.scalars[0].1, "s:\u{FFFD}x\u{FFFD}:7");
+    }
+
+    #[test]
+    fn long_values_report_a_prefix_cut_on_a_char_boundary() {
+        let long = "é".repeat(200); // 400 bytes
+        let body = format!(r#"{{"v":"{long}"}}"#);
+        let (c, _) = scan_chunks(&[body.as_bytes()]);
+        let v = &c.scalars[0].1;
+        assert!(v.ends_with(":400"), "{v}");
+        let prefix = &v[2..v.len() - 4];
+        assert_eq!(prefix.len(), MAX_VALUE_PREFIX);
+        assert!(prefix.chars().all(|ch| ch == 'é'));
+    }
+
+    #[test]
+    fn overlong_keys_never_match() {
+        let key = "k".repeat(MAX_KEY_LEN + 1);
+        let body = format!(r#"{{"{key}":{{"model":"x"}},"model":"y"}}"#);
+        let (c, _) = scan_chunks(&[body.as_bytes()]);
+        assert!(c.scalars[0].0.ends_with("..."), "{:?}", c.scalars);
+        assert_eq!(c.scalars[1], ("model".to_string(), "s:y:1".to_string()));
+    }
+
+    #[test]
+    fn deep_values_are_marked_incomplete_and_abusive_depth_fails() {
+        let depth = MAX_TRACKED_DEPTH + 2;
+        let body = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let (c, st) = scan_chunks(&[body.as_bytes()]);
+        assert_eq!(st, ScanStatus::Complete);
+        assert!(c.scalars[0].0.ends_with("..."));
+
+        let body = "[".repeat(MAX_DEPTH + 1);
+        let (_, st) = scan_chunks(&[body.as_bytes()]);
+        assert_eq!(st, ScanStatus::Failed(ScanError::TooDeep));
+    }
+
+    #[test]
+    fn syntax_errors_and_trailing_data_are_reported() {
+        for bad in [
+            &b"{\"a\" 1}"[..],
+            b"{\"a\":tru}",
+            b"[1,]x",
+            b"{\"a\":1]",
+            b"\"\x01\"",
+        ] {
+            let (_, st) = scan_chunks(&[bad]);
+            assert!(
+                matches!(st, ScanStatus::Failed(_)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let (_, st) = scan_chunks(&[b"{} {}"]);
+        assert_eq!(st, ScanStatus::Failed(ScanError::TrailingData));
+        let (_, st) = scan_chunks(&[b"  "]);
+        assert_eq!(st, ScanStatus::Empty);
+        let (_, st) = scan_chunks(&[b"{\"a\":"]);
+        assert_eq!(st, ScanStatus::Incomplete);
+    }
+
+    #[test]
+    fn top_level_scalars_and_numbers_at_end_of_input() {
+        let (c, st) = scan_chunks(&[b"12", b"34"]);
+        assert_eq!(st, ScanStatus::Complete);
+        assert_eq!(c.scalars, vec![(String::new(), "n:1234".to_string())]);
+        assert_eq!(Scalar::Num("3.0").as_u64(), Some(3));
+        assert_eq!(Scalar::Num("-1").as_u64(), None);
+        assert_eq!(Scalar::Num("1e3").as_u64(), Some(1000));
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            "[a-zé日😀\"\\\\/\\n\\t]{0,12}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map("[a-z_]{1,6}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Any split of a document into chunks reports exactly what the whole does.
+        #[test]
+        fn chunking_never_changes_the_result(v in json_value(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8)) {
+            let text = serde_json::to_vec(&v).unwrap();
+            let (whole, st) = scan_chunks(&[&text]);
+            prop_assert_eq!(st, ScanStatus::Complete);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(text.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points { chunks.push(&text[last..p]); last = p; }
+            chunks.push(&text[last..]);
+            let (split, st2) = scan_chunks(&chunks);
+            prop_assert_eq!(st2, ScanStatus::Complete);
+            prop_assert_eq!(whole, split);
+        }
+
+        /// Strings decode to what serde_json decodes.
+        #[test]
+        fn strings_match_serde_json(s in "\\PC{0,40}") {
+            let doc = serde_json::to_vec(&serde_json::json!({ "k": s })).unwrap();
+            let (c, _) = scan_chunks(&[&doc]);
+            let expected_len = s.len();
+            let got = &c.scalars[0].1;
+            prop_assert!(got.ends_with(&format!(":{expected_len}")), "{} vs {}", got, s);
+            if s.len() <= MAX_VALUE_PREFIX {
+                prop_assert_eq!(got.clone(), format!("s:{}:{}", s, expected_len));
+            }
+        }
+
+        /// Arbitrary bytes never panic and leave the scanner in a defined state.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
+            let (_c, _st) = scan_chunks(&[&data]);
+        }
+    }
+}

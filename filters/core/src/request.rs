@@ -1,0 +1,912 @@
+//! The lifecycle of one LLM request, from request headers to the access-log
+//! callback, turned into a [`RequestRecord`].
+//!
+//! The observer is driven by the shell with host timestamps; it reads what it
+//! needs through [`HttpView`] and streams bodies through the readers in
+//! [`crate::openai`]. It never pauses or buffers a response body. Only the
+//! optional `include_usage` rewrite buffers a request body, bounded by
+//! configuration.
+
+use crate::config::{Config, Operation, TenantSource};
+use crate::host::{millis_between, HttpView};
+use crate::json_scan::ScanStatus;
+use crate::labels::sanitize;
+use crate::openai::{
+    JsonResponseReader, RequestFacts, RequestReader, ResponseFacts, StreamFacts, StreamReader,
+    Usage,
+};
+use crate::rag::RagSignals;
+
+/// The small fixed set of error types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorType {
+    /// The runtime answered 5xx.
+    Upstream5xx,
+    /// The runtime answered 4xx.
+    Upstream4xx,
+    /// The upstream connection broke after the response started (mid-stream).
+    UpstreamReset,
+    /// The client went away before the response finished.
+    ClientAbort,
+    /// A route, per-try, idle or duration timeout fired.
+    Timeout,
+    /// Envoy answered itself: no healthy upstream, connect failure, no route,
+    /// rate limit, overload, ...
+    GatewayReply,
+    /// The stream carried an `error` object mid-stream.
+    StreamError,
+}
+
+impl ErrorType {
+    pub const ALL: [ErrorType; 7] = [
+        ErrorType::Upstream5xx,
+        ErrorType::Upstream4xx,
+        ErrorType::UpstreamReset,
+        ErrorType::ClientAbort,
+        ErrorType::Timeout,
+        ErrorType::GatewayReply,
+        ErrorType::StreamError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::Upstream5xx => "upstream_5xx",
+            ErrorType::Upstream4xx => "upstream_4xx",
+            ErrorType::UpstreamReset => "upstream_reset",
+            ErrorType::ClientAbort => "client_abort",
+            ErrorType::Timeout => "timeout",
+            ErrorType::GatewayReply => "gateway_reply",
+            ErrorType::StreamError => "stream_error",
+        }
+    }
+}
+
+/// Where the token counts came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageSource {
+    /// `usage` reported by the runtime.
+    Reported,
+    /// No usage in the stream: completion tokens = content events.
+    Estimated,
+    /// Nothing known (e.g. an error, or an unparsed body).
+    None,
+}
+
+/// Why a response body was not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unparsed {
+    /// `content-encoding` other than identity: passed through untouched.
+    Compressed,
+    /// A 2xx response that is neither JSON nor an event stream.
+    ContentType,
+}
+
+impl Unparsed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unparsed::Compressed => "compressed",
+            Unparsed::ContentType => "content_type",
+        }
+    }
+}
+
+/// Malformed input that was counted (and passed through unharmed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseProblems {
+    pub request_json: bool,
+    pub response_json: bool,
+    pub sse_events: u64,
+    pub rag_headers: u32,
+}
+
+/// How a cache hit was recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheHit {
+    /// `cached_tokens > 0`: the runtime reused a prompt prefix.
+    PromptCache,
+    /// The configured response header said so (response/semantic cache).
+    ResponseCache,
+}
+
+impl CacheHit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheHit::PromptCache => "prompt",
+            CacheHit::ResponseCache => "response",
+        }
+    }
+}
+
+/// Outcome of the optional `include_usage` rewrite.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Injection {
+    #[default]
+    NotAttempted,
+    /// The body was rewritten.
+    Injected,
+    /// The request already asked for usage, or does not stream.
+    NotNeeded,
+    /// The body exceeded `usage.max_request_buffer_bytes`; passed unmodified.
+    TooLarge,
+    /// The body was not valid JSON; passed unmodified.
+    Invalid,
+}
+
+/// Everything recorded about one request; input to metrics and spans.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestRecord {
+    pub operation: Operation,
+    pub method: Option<String>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub response_headers_ns: Option<u64>,
+    pub first_token_ns: Option<u64>,
+    pub last_token_ns: Option<u64>,
+    pub status: Option<u16>,
+    /// Envoy route name (raw, sanitised later by the label tables).
+    pub route_name: Option<Vec<u8>>,
+    /// Envoy upstream cluster name.
+    pub cluster_name: Option<Vec<u8>>,
+    pub tenant: Option<Vec<u8>>,
+    /// Model named by the request, else the configured default.
+    pub request_model: Option<String>,
+    /// Model named by the response.
+    pub response_model: Option<String>,
+    pub route_class: Option<String>,
+    pub team: Option<String>,
+    /// The request asked for a stream.
+    pub request_stream: bool,
+    /// The response was an event stream.
+    pub streamed: bool,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    pub content_events: u64,
+    pub finish_reason: Option<String>,
+    pub cache_hit: Option<CacheHit>,
+    pub error: Option<ErrorType>,
+    pub unparsed: Option<Unparsed>,
+    pub problems: ParseProblems,
+    pub injection: Injection,
+    pub rag_collection: Option<String>,
+    pub rag_top_k: Option<u64>,
+    pub rag: RagSignals,
+    /// Envoy `response.code_details`, bounded (for logs and span status).
+    pub code_details: Option<String>,
+}
+
+impl RequestRecord {
+    pub fn duration_ms(&self) -> u64 {
+        millis_between(self.start_ns, self.end_ns)
+    }
+
+    pub fn ttfb_ms(&self) -> Option<u64> {
+        self.response_headers_ns
+            .map(|t| millis_between(self.start_ns, t))
+    }
+
+    /// Time to first token: from request start to the first event carrying
+    /// generated content (streams only).
+    pub fn ttft_ms(&self) -> Option<u64> {
+        self.first_token_ns
+            .map(|t| millis_between(self.start_ns, t))
+    }
+
+    /// Completion tokens: reported, else estimated from content events.
+    pub fn completion_tokens(&self) -> Option<u64> {
+        match self.usage_source {
+            UsageSource::Reported => self.usage.completion_tokens,
+            UsageSource::Estimated => Some(self.content_events),
+            UsageSource::None => None,
+        }
+    }
+
+    /// Time per output token after the first: (last − first) / (n − 1).
+    pub fn tpot_ms(&self) -> Option<u64> {
+        let n = self.completion_tokens()?;
+        let (first, last) = (self.first_token_ns?, self.last_token_ns?);
+        (n >= 2).then(|| last.saturating_sub(first) / (n - 1) / 1_000_000)
+    }
+
+    /// Output tokens per second: for streams, from the first token to the end
+    /// of the response; otherwise over the whole request.
+    pub fn output_tokens_per_second(&self) -> Option<u64> {
+        let n = self.completion_tokens()?;
+        if n == 0 {
+            return None;
+        }
+        let from = if self.streamed {
+            self.first_token_ns?
+        } else {
+            self.start_ns
+        };
+        let ns = self.end_ns.saturating_sub(from);
+        if self.streamed && n < 2 {
+            return None;
+        }
+        (ns >= 1_000_000).then(|| n.saturating_mul(1_000_000_000) / ns)
+    }
+}
+
+enum ResponseReader {
+    Pending,
+    Stream(Box<StreamReader>),
+    Json(Box<JsonResponseReader>),
+    Skip,
+}
+
+/// Observes one request. Create it at request headers with
+/// [`RequestObserver::start`] (which returns `None` for non-LLM paths).
+pub struct RequestObserver {
+    operation: Operation,
+    method: Option<String>,
+    start_ns: u64,
+    route_name: Option<Vec<u8>>,
+    cluster_name: Option<Vec<u8>>,
+    tenant: Option<Vec<u8>>,
+    request: RequestReader,
+    request_bytes_seen: u64,
+    request_done: bool,
+    request_facts: RequestFacts,
+    request_status: ScanStatus,
+    header_rag_collection: Option<String>,
+    header_rag_top_k: Option<u64>,
+    status: Option<u16>,
+    response_headers_ns: Option<u64>,
+    response: ResponseReader,
+    response_bytes: u64,
+    unparsed: Option<Unparsed>,
+    cache_header_hit: bool,
+    rag: RagSignals,
+    injection: Injection,
+    buffering: bool,
+}
+
+impl RequestObserver {
+    /// Starts observing if the request is LLM traffic.
+    pub fn start(config: &Config, view: &dyn HttpView, now_ns: u64) -> Option<Self> {
+        let path = view.request_header(":path")?;
+        let operation = config.operation_for_path(&path)?;
+        let method = view
+            .request_header(":method")
+            .and_then(|m| sanitize(&m, 16));
+        let tenant = match &config.tenant_source {
+            TenantSource::None => None,
+            TenantSource::Header(h) => view.request_header(h),
+            TenantSource::Metadata(p) => {
+                let parts: Vec<&str> = p.iter().map(String::as_str).collect();
+                view.property(&parts)
+            }
+        };
+        let header_rag_collection = config
+            .rag_collection_header
+            .as_deref()
+            .and_then(|h| view.request_header(h))
+            .and_then(|v| sanitize(&v, config.max_value_length));
+        let header_rag_top_k = config
+            .rag_top_k_header
+            .as_deref()
+            .and_then(|h| view.request_header(h))
+            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok());
+        let buffering = config.inject_include_usage
+            && matches!(operation, Operation::Chat | Operation::TextCompletion)
+            && method.as_deref() == Some("POST");
+        Some(Self {
+            operation,
+            method,
+            start_ns: now_ns,
+            route_name: view.property(&["xds", "route_name"]),
+            cluster_name: view.property(&["xds", "cluster_name"]),
+            tenant,
+            request: RequestReader::new(
+                config.rag_collection_field.clone(),
+                config.rag_top_k_field.clone(),
+            ),
+            request_bytes_seen: 0,
+            request_done: false,
+            request_facts: RequestFacts::default(),
+            request_status: ScanStatus::Empty,
+            header_rag_collection,
+            header_rag_top_k,
+            status: None,
+            response_headers_ns: None,
+            response: ResponseReader::Pending,
+            response_bytes: 0,
+            unparsed: None,
+            cache_header_hit: false,
+            rag: RagSignals::default(),
+            injection: Injection::NotAttempted,
+            buffering,
+        })
+    }
+
+    pub fn operation(&self) -> Operation {
+        self.operation
+    }
+
+    /// Whether the shell must hold the request body for the usage rewrite
+    /// (it then removes `content-length` at request headers and pauses body
+    /// callbacks until end of stream).
+    pub fn wants_request_buffering(&self) -> bool {
+        self.buffering
+    }
+
+    /// Route name and tenant as seen at request headers (for the in-flight gauge).
+    pub fn route_name(&self) -> Option<&[u8]> {
+        self.route_name.as_deref()
+    }
+
+    /// Feeds request body bytes. `total_len` is the host's current body size;
+    /// while buffering it is cumulative, so only the unseen tail is scanned.
+    /// `body` must hold the bytes from offset `already_seen()` to `total_len`.
+    pub fn request_body(&mut self, body_tail: &[u8], end_of_stream: bool) {
+        self.request_bytes_seen += body_tail.len() as u64;
+        if !self.request_done {
+            self.request.feed(body_tail);
+        }
+        if end_of_stream && !self.request_done {
+            self.finish_request_body();
+        }
+    }
+
+    /// Bytes of request body already passed to [`RequestObserver::request_body`].
+    pub fn request_bytes_seen(&self) -> u64 {
+        self.request_bytes_seen
+    }
+
+    fn finish_request_body(&mut self) {
+        self.request_done = true;
+        let (facts, status) = self.request.finish();
+        self.request_facts = facts;
+        self.request_status = status;
+    }
+
+    /// The request body outgrew the rewrite buffer: stop buffering.
+    pub fn abandon_buffering(&mut self) {
+        if self.buffering {
+            self.buffering = false;
+            self.injection = Injection::TooLarge;
+        }
+    }
+
+    /// At end of a buffered request body: the rewritten body, if one is needed.
+    pub fn rewrite_request(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        if !self.buffering {
+            return None;
+        }
+        self.buffering = false;
+        if !self.request_done {
+            self.finish_request_body();
+        }
+        if self.request_status != ScanStatus::Complete {
+            self.injection = Injection::Invalid;
+            return None;
+        }
+        let f = &self.request_facts;
+        if f.stream != Some(true) || f.include_usage == Some(true) {
+            self.injection = Injection::NotNeeded;
+            return None;
+        }
+        match crate::inject::with_include_usage(body, f.has_stream_options) {
+            Some(new) => {
+                self.injection = Injection::Injected;
+                Some(new)
+            }
+            None => {
+                self.injection = Injection::Invalid;
+                None
+            }
+        }
+    }
+
+    /// At response headers.
+    pub fn response_headers(&mut self, config: &Config, view: &dyn HttpView, now_ns: u64) {
+        self.response_headers_ns = Some(now_ns);
+        self.status = view
+            .response_header(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.trim().parse().ok());
+        let content_type = view
+            .response_header("content-type")
+            .map(|v| v.to_ascii_lowercase())
+            .unwrap_or_default();
+        let encoded = view
+            .response_header("content-encoding")
+            .map(|v| {
+                let v = v.trim_ascii().to_ascii_lowercase();
+                !v.is_empty() && v != b"identity"
+            })
+            .unwrap_or(false);
+        let success = self.status.is_some_and(|s| (200..300).contains(&s));
+        self.response = if encoded {
+            if success {
+                self.unparsed = Some(Unparsed::Compressed);
+            }
+            ResponseReader::Skip
+        } else if content_type.starts_with(b"text/event-stream") {
+            ResponseReader::Stream(Box::default())
+        } else if contains(&content_type, b"json") {
+            ResponseReader::Json(Box::default())
+        } else {
+            if success {
+                self.unparsed = Some(Unparsed::ContentType);
+            }
+            ResponseReader::Skip
+        };
+        if let Some((name, values)) = &config.cache_hit_header {
+            if let Some(v) = view.response_header(name) {
+                let v = String::from_utf8_lossy(&v).trim().to_ascii_lowercase();
+                self.cache_header_hit = values.is_empty() || values.contains(&v);
+            }
+        }
+        self.rag = RagSignals::from_response(view, &config.rag_header_prefix);
+    }
+
+    /// Whether the shell needs to read response body chunks at all.
+    pub fn reads_response_body(&self) -> bool {
+        matches!(
+            self.response,
+            ResponseReader::Stream(_) | ResponseReader::Json(_)
+        )
+    }
+
+    /// Feeds one response body chunk (never buffered by the shell).
+    pub fn response_body(&mut self, chunk: &[u8], now_ns: u64) {
+        self.response_bytes += chunk.len() as u64;
+        match &mut self.response {
+            ResponseReader::Stream(r) => r.feed(chunk, now_ns),
+            ResponseReader::Json(r) => r.feed(chunk),
+            ResponseReader::Pending | ResponseReader::Skip => {}
+        }
+    }
+
+    /// Counts response bytes the shell chose not to read.
+    pub fn response_body_skipped(&mut self, len: usize) {
+        self.response_bytes += len as u64;
+    }
+
+    /// First-token time so far (for the shell's span event).
+    pub fn first_token_ns(&self) -> Option<u64> {
+        match &self.response {
+            ResponseReader::Stream(r) => r.facts().first_content_ns,
+            _ => None,
+        }
+    }
+
+    /// Everything known so far, as a record. Called when the response ends
+    /// (to publish filter state before Envoy's access loggers run) and again
+    /// at the access-log callback, when Envoy's final attributes are known.
+    pub fn record(&mut self, config: &Config, view: &dyn HttpView, now_ns: u64) -> RequestRecord {
+        if !self.request_done {
+            self.finish_request_body();
+        }
+        if self.cluster_name.is_none() {
+            self.cluster_name = view.property(&["xds", "cluster_name"]);
+        }
+        if self.route_name.is_none() {
+            self.route_name = view.property(&["xds", "route_name"]);
+        }
+        if self.status.is_none() {
+            self.status = view
+                .property(&["response", "code"])
+                .and_then(|v| decode_u64(&v))
+                .and_then(|v| u16::try_from(v).ok());
+        }
+        let code_details = view
+            .property(&["response", "code_details"])
+            .map(|v| String::from_utf8_lossy(&v[..v.len().min(128)]).into_owned());
+        let flags = view
+            .property(&["response", "flags"])
+            .and_then(|v| decode_u64(&v))
+            .unwrap_or(0);
+        let request_bytes = view
+            .property(&["request", "size"])
+            .and_then(|v| decode_u64(&v))
+            .unwrap_or(self.request_bytes_seen);
+        let response_bytes = view
+            .property(&["response", "size"])
+            .and_then(|v| decode_u64(&v))
+            .unwrap_or(self.response_bytes);
+
+        let mut problems = ParseProblems {
+            request_json: matches!(self.request_status, ScanStatus::Failed(_))
+                || (self.request_status == ScanStatus::Incomplete && self.request_bytes_seen > 0),
+            rag_headers: self.rag.parse_errors,
+            ..ParseProblems::default()
+        };
+
+        let mut stream = StreamFacts::default();
+        let mut json = ResponseFacts::default();
+        let mut streamed = false;
+        let mut cut_mid_event = false;
+        match &mut self.response {
+            ResponseReader::Stream(r) => {
+                streamed = true;
+                let (facts, partial) = r.snapshot();
+                stream = facts;
+                cut_mid_event = partial;
+                problems.sse_events = stream.malformed_events;
+            }
+            ResponseReader::Json(r) => {
+                let (facts, status) = r.finish();
+                json = facts;
+                problems.response_json = self.response_bytes > 0 && status != ScanStatus::Complete;
+            }
+            ResponseReader::Pending | ResponseReader::Skip => {}
+        }
+
+        let (usage, usage_source, response_model, finish_reason) = if streamed {
+            let source = if !stream.usage.is_empty() {
+                UsageSource::Reported
+            } else if stream.content_events > 0 {
+                UsageSource::Estimated
+            } else {
+                UsageSource::None
+            };
+            (
+                stream.usage,
+                source,
+                stream.model.clone(),
+                stream.finish_reason.clone(),
+            )
+        } else {
+            let source = if json.usage.is_empty() {
+                UsageSource::None
+            } else {
+                UsageSource::Reported
+            };
+            (
+                json.usage,
+                source,
+                json.model.clone(),
+                json.finish_reason.clone(),
+            )
+        };
+
+        let cache_hit = if usage.cached_tokens.is_some_and(|c| c > 0) {
+            Some(CacheHit::PromptCache)
+        } else if self.cache_header_hit {
+            Some(CacheHit::ResponseCache)
+        } else {
+            None
+        };
+
+        let error = classify_error(
+            self.status,
+            code_details.as_deref(),
+            flags,
+            stream.error_event,
+            streamed && cut_mid_event,
+        );
+
+        let route_name = self.route_name.clone();
+        let cluster_name = self.cluster_name.clone();
+        let rag = self.rag.clone();
+        let route_str = route_name
+            .as_deref()
+            .and_then(|r| std::str::from_utf8(r).ok());
+        let cluster_str = cluster_name
+            .as_deref()
+            .and_then(|c| std::str::from_utf8(c).ok());
+        let workload = config.workload_for(route_str, cluster_str);
+        let request_model = self.request_facts.model.clone().or(workload.model);
+
+        RequestRecord {
+            operation: self.operation,
+            method: self.method.clone(),
+            start_ns: self.start_ns,
+            end_ns: now_ns.max(self.start_ns),
+            response_headers_ns: self.response_headers_ns,
+            first_token_ns: stream.first_content_ns,
+            last_token_ns: stream.last_content_ns,
+            status: self.status,
+            route_name,
+            cluster_name,
+            tenant: self.tenant.clone(),
+            request_model,
+            response_model,
+            route_class: workload.route_class,
+            team: workload.team,
+            request_stream: self.request_facts.stream == Some(true),
+            streamed,
+            request_bytes,
+            response_bytes,
+            usage,
+            usage_source,
+            content_events: stream.content_events,
+            finish_reason,
+            cache_hit,
+            error,
+            unparsed: self.unparsed,
+            problems,
+            injection: self.injection,
+            rag_collection: self
+                .request_facts
+                .rag_collection
+                .clone()
+                .or_else(|| self.header_rag_collection.clone())
+                .or_else(|| rag.collection.clone()),
+            rag_top_k: self.request_facts.rag_top_k.or(self.header_rag_top_k),
+            rag,
+            code_details,
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Envoy serialises integer attributes as 8 little-endian bytes.
+pub fn decode_u64(v: &[u8]) -> Option<u64> {
+    match v.len() {
+        8 => Some(u64::from_le_bytes([
+            v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
+        ])),
+        _ => std::str::from_utf8(v).ok()?.trim().parse().ok(),
+    }
+}
+
+/// Envoy response flags (`StreamInfo::CoreResponseFlag` bit positions) used
+/// to recognise timeouts and client aborts.
+pub mod response_flags {
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 1 << 2;
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 1 << 14;
+    pub const STREAM_IDLE_TIMEOUT: u64 = 1 << 16;
+    pub const UPSTREAM_MAX_STREAM_DURATION_REACHED: u64 = 1 << 19;
+    pub const DURATION_TIMEOUT: u64 = 1 << 22;
+    pub const DOWNSTREAM_REMOTE_RESET: u64 = 1 << 28;
+}
+
+/// Maps what Envoy knows about the end of a request to an [`ErrorType`].
+pub fn classify_error(
+    status: Option<u16>,
+    details: Option<&str>,
+    flags: u64,
+    stream_error_event: bool,
+    stream_cut_mid_event: bool,
+) -> Option<ErrorType> {
+    use response_flags::*;
+    let details = details.unwrap_or("");
+    let status = status.unwrap_or(0);
+    if flags & (DOWNSTREAM_CONNECTION_TERMINATION | DOWNSTREAM_REMOTE_RESET) != 0
+        || details.starts_with("downstream_remote_disconnect")
+    {
+        return Some(ErrorType::ClientAbort);
+    }
+    if flags
+        & (UPSTREAM_REQUEST_TIMEOUT
+            | STREAM_IDLE_TIMEOUT
+            | UPSTREAM_MAX_STREAM_DURATION_REACHED
+            | DURATION_TIMEOUT)
+        != 0
+        || details.contains("timeout")
+        || details.contains("max_stream_duration")
+        || details.contains("duration_reached")
+    {
+        return Some(ErrorType::Timeout);
+    }
+    if details.starts_with("upstream_reset_after_response_started") {
+        return Some(ErrorType::UpstreamReset);
+    }
+    let via_upstream = details.is_empty() || details == "via_upstream";
+    if via_upstream {
+        if status >= 500 {
+            return Some(ErrorType::Upstream5xx);
+        }
+        if (400..500).contains(&status) {
+            return Some(ErrorType::Upstream4xx);
+        }
+        if stream_error_event {
+            return Some(ErrorType::StreamError);
+        }
+        if stream_cut_mid_event {
+            return Some(ErrorType::UpstreamReset);
+        }
+        return None;
+    }
+    if status >= 400 || details.starts_with("upstream_reset_before_response_started") {
+        return Some(ErrorType::GatewayReply);
+    }
+    if stream_error_event {
+        return Some(ErrorType::StreamError);
+    }
+    None
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A scripted request/response.
+    #[derive(Default)]
+    pub(crate) struct FakeView {
+        pub req: HashMap<String, Vec<u8>>,
+        pub resp: HashMap<String, Vec<u8>>,
+        pub props: HashMap<String, Vec<u8>>,
+    }
+
+    impl FakeView {
+        pub fn req(mut self, k: &str, v: &str) -> Self {
+            self.req.insert(k.into(), v.as_bytes().to_vec());
+            self
+        }
+        pub fn resp(mut self, k: &str, v: &str) -> Self {
+            self.resp.insert(k.into(), v.as_bytes().to_vec());
+            self
+        }
+        pub fn prop(mut self, k: &str, v: &[u8]) -> Self {
+            self.props.insert(k.into(), v.to_vec());
+            self
+        }
+    }
+
+    impl HttpView for FakeView {
+        fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.req.get(name).cloned()
+        }
+        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.resp.get(name).cloned()
+        }
+        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+            self.props.get(&path.join(".")).cloned()
+        }
+    }
+
+    const MS: u64 = 1_000_000;
+
+    fn config() -> Config {
+        Config::parse(
+            br#"{"tenant":{"header":"x-tenant-id"},"models":["mistral-7b"],
+                 "routes":{"chat":{"route_class":"interactive","team":"platform-ai"}},
+                 "defaults":{"model":"mistral-7b"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn request_view() -> FakeView {
+        FakeView::default()
+            .req(":path", "/v1/chat/completions")
+            .req(":method", "POST")
+            .req("x-tenant-id", "acme")
+            .prop("xds.route_name", b"chat")
+    }
+
+    #[test]
+    fn streamed_request_yields_ttft_tpot_and_usage() {
+        let cfg = config();
+        let view = request_view()
+            .resp(":status", "200")
+            .resp("content-type", "text/event-stream")
+            .prop("xds.cluster_name", b"vllm")
+            .prop("response.code_details", b"via_upstream")
+            .prop("response.flags", &0u64.to_le_bytes());
+        let t0 = 1_000 * MS;
+        let mut obs = RequestObserver::start(&cfg, &view, t0).unwrap();
+        obs.request_body(br#"{"model":"mistral-7b","stream":true}"#, true);
+        obs.response_headers(&cfg, &view, t0 + 5 * MS);
+        obs.response_body(
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            t0 + 6 * MS,
+        );
+        for i in 0..5u64 {
+            obs.response_body(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n",
+                t0 + (100 + 10 * i) * MS,
+            );
+        }
+        obs.response_body(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\ndata: [DONE]\n\n", t0 + 141 * MS);
+        let rec = obs.record(&cfg, &view, t0 + 142 * MS);
+        assert_eq!(rec.ttfb_ms(), Some(5));
+        assert_eq!(rec.ttft_ms(), Some(100));
+        assert_eq!(rec.tpot_ms(), Some(10));
+        assert_eq!(rec.duration_ms(), 142);
+        assert_eq!(rec.usage.prompt_tokens, Some(7));
+        assert_eq!(rec.usage_source, UsageSource::Reported);
+        assert_eq!(rec.cache_hit, Some(CacheHit::PromptCache));
+        // 5 tokens between first token (100 ms) and end (142 ms).
+        assert_eq!(rec.output_tokens_per_second(), Some(5 * 1000 / 42));
+        assert_eq!(rec.error, None);
+        assert_eq!(rec.route_class.as_deref(), Some("interactive"));
+        assert_eq!(rec.request_model.as_deref(), Some("mistral-7b"));
+        assert_eq!(rec.tenant.as_deref(), Some(&b"acme"[..]));
+        assert_eq!(rec.cluster_name.as_deref(), Some(&b"vllm"[..]));
+    }
+
+    #[test]
+    fn stream_without_usage_is_estimated_from_content_events() {
+        let cfg = config();
+        let view = request_view()
+            .resp(":status", "200")
+            .resp("content-type", "text/event-stream; charset=utf-8");
+        let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
+        obs.response_headers(&cfg, &view, MS);
+        obs.response_body(
+            b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[{\"text\":\"b\"}]}\n\ndata: [DONE]\n\n",
+            2 * MS,
+        );
+        let rec = obs.record(&cfg, &view, 3 * MS);
+        assert_eq!(rec.usage_source, UsageSource::Estimated);
+        assert_eq!(rec.completion_tokens(), Some(2));
+        assert_eq!(rec.usage.prompt_tokens, None);
+    }
+
+    #[test]
+    fn non_llm_paths_are_ignored() {
+        let cfg = config();
+        let view = FakeView::default().req(":path", "/healthz");
+        assert!(RequestObserver::start(&cfg, &view, 0).is_none());
+    }
+
+    #[test]
+    fn compressed_and_malformed_bodies_are_counted_not_parsed() {
+        let cfg = config();
+        let view = request_view()
+            .resp(":status", "200")
+            .resp("content-type", "application/json")
+            .resp("content-encoding", "gzip");
+        let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
+        obs.request_body(b"{\"model\": nope", true);
+        obs.response_headers(&cfg, &view, MS);
+        assert!(!obs.reads_response_body());
+        obs.response_body_skipped(100);
+        let rec = obs.record(&cfg, &view, 2 * MS);
+        assert_eq!(rec.unparsed, Some(Unparsed::Compressed));
+        assert!(rec.problems.request_json);
+        assert_eq!(rec.response_bytes, 100);
+        assert_eq!(rec.usage_source, UsageSource::None);
+    }
+
+    #[test]
+    fn error_classification() {
+        use response_flags::*;
+        let c = |s, d, f| classify_error(Some(s), Some(d), f, false, false);
+        assert_eq!(c(503, "via_upstream", 0), Some(ErrorType::Upstream5xx));
+        assert_eq!(c(429, "via_upstream", 0), Some(ErrorType::Upstream4xx));
+        assert_eq!(c(200, "via_upstream", 0), None);
+        assert_eq!(
+            c(503, "no_healthy_upstream", 0),
+            Some(ErrorType::GatewayReply)
+        );
+        assert_eq!(
+            c(
+                503,
+                "upstream_reset_before_response_started{connection_failure}",
+                0
+            ),
+            Some(ErrorType::GatewayReply)
+        );
+        assert_eq!(
+            c(
+                200,
+                "upstream_reset_after_response_started{remote_reset}",
+                0
+            ),
+            Some(ErrorType::UpstreamReset)
+        );
+        assert_eq!(
+            c(504, "response_timeout", UPSTREAM_REQUEST_TIMEOUT),
+            Some(ErrorType::Timeout)
+        );
+        assert_eq!(
+            c(200, "via_upstream", DOWNSTREAM_CONNECTION_TERMINATION),
+            Some(ErrorType::ClientAbort)
+        );
+        assert_eq!(
+            classify_error(Some(200), Some("via_upstream"), 0, true, false),
+            Some(ErrorType::StreamError)
+        );
+        assert_eq!(
+            classify_error(Some(200), Some("via_upstream"), 0, false, true),
+            Some(ErrorType::UpstreamReset)
+        );
+    }
+
+    #[test]
+    fn integer_properties_decode_from_little_endian() {
+        assert_eq!(decode_u64(&42u64.to_le_bytes()), Some(42));
+        assert_eq!(decode_u64(b"17"), Some(17));
+        assert_eq!(decode_u64(b"x"), None);
+    }
+}
