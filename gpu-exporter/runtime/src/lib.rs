@@ -1,1 +1,644 @@
-//! Runtime metrics.
+//! Normalized inference-runtime metrics for gpu-exporter.
+//!
+//! The exporter hands this crate the pods on its node. It scrapes every runtime
+//! pod (vLLM, SGLang, TGI, trtllm-serve, Triton with TensorRT-LLM) and
+//! republishes one schema, `llm_runtime_*`. Every series carries `namespace`,
+//! `pod`, `runtime` and the workload labels (`model`, `route_class`, `team`),
+//! so one dashboard and one alert work for every runtime, and runtime
+//! signals join the gateway's and the GPU's on the same labels. See
+//! `docs/runtime-metrics.md`.
+
+mod accumulate;
+pub mod discovery;
+pub mod normalize;
+pub mod parse;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use tokentap_workload::{PodInfo, WorkloadLabelPolicy};
+
+pub use accumulate::Accumulator;
+pub use discovery::{LabelSelector, SelectorError, Target, ENGINE_TYPE_LABEL};
+pub use normalize::{
+    normalize, normalize_exposition, normalize_with, CounterKind, GaugeKind, HistogramKind,
+    NormHistogram, Normalized, Outcome, Runtime,
+};
+pub use parse::{ParseError, ParseLimits};
+
+/// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration `{s}` (use e.g. 500ms, 5s, 1m)"))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("duration `{s}` must be positive"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+/// CLI/env flags, flattened into the exporter's clap parser with
+/// `#[command(flatten)]`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Label selector of inference-runtime pods on this node.
+    #[arg(
+        long,
+        env = "TOKENTAP_RUNTIME_SELECTOR",
+        default_value = "app.kubernetes.io/part-of=llm-platform"
+    )]
+    pub runtime_selector: String,
+    /// Metrics port when a pod has no `prometheus.io/port` annotation and no
+    /// port named `metrics`/`http`.
+    #[arg(long, env = "TOKENTAP_RUNTIME_DEFAULT_PORT", default_value_t = 8000)]
+    pub runtime_default_port: u16,
+    /// How often every runtime pod is scraped.
+    #[arg(long, env = "TOKENTAP_RUNTIME_SCRAPE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub runtime_scrape_interval: Duration,
+    /// Per-scrape deadline (connect + response + body).
+    #[arg(long, env = "TOKENTAP_RUNTIME_SCRAPE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub runtime_scrape_timeout: Duration,
+    /// Larger metrics bodies are refused.
+    #[arg(long, env = "TOKENTAP_RUNTIME_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub runtime_max_body_bytes: usize,
+    /// Bodies with more series are refused.
+    #[arg(long, env = "TOKENTAP_RUNTIME_MAX_SERIES", default_value_t = 20_000)]
+    pub runtime_max_series: usize,
+    /// Turn runtime scraping off.
+    #[arg(long, env = "TOKENTAP_RUNTIME_DISABLE")]
+    pub runtime_disable: bool,
+}
+
+impl Default for RuntimeArgs {
+    fn default() -> Self {
+        Self {
+            runtime_selector: "app.kubernetes.io/part-of=llm-platform".into(),
+            runtime_default_port: 8000,
+            runtime_scrape_interval: Duration::from_secs(5),
+            runtime_scrape_timeout: Duration::from_secs(2),
+            runtime_max_body_bytes: 4 * 1024 * 1024,
+            runtime_max_series: 20_000,
+            runtime_disable: false,
+        }
+    }
+}
+
+/// Why a scrape failed: the `reason` label of `llm_runtime_scrape_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ScrapeError {
+    Connect,
+    Timeout,
+    HttpStatus,
+    Read,
+    BodyTooLarge,
+    TooManySeries,
+    UnknownRuntime,
+    UnsupportedScheme,
+}
+
+impl ScrapeError {
+    pub const ALL: [ScrapeError; 8] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::HttpStatus,
+        Self::Read,
+        Self::BodyTooLarge,
+        Self::TooManySeries,
+        Self::UnknownRuntime,
+        Self::UnsupportedScheme,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::HttpStatus => "http_status",
+            Self::Read => "read",
+            Self::BodyTooLarge => "body_too_large",
+            Self::TooManySeries => "too_many_series",
+            Self::UnknownRuntime => "unknown_runtime",
+            Self::UnsupportedScheme => "unsupported_scheme",
+        }
+    }
+}
+
+impl From<&ParseError> for ScrapeError {
+    fn from(e: &ParseError) -> Self {
+        match e {
+            ParseError::BodyTooLarge { .. } => Self::BodyTooLarge,
+            ParseError::TooManySeries { .. } => Self::TooManySeries,
+            ParseError::UnknownRuntime => Self::UnknownRuntime,
+        }
+    }
+}
+
+/// What the exporter knows about one runtime pod.
+#[derive(Clone, Debug)]
+struct PodState {
+    target: Target,
+    up: bool,
+    /// The runtime last seen (or hinted), for the `runtime` label.
+    runtime: Option<Runtime>,
+    latest: Option<Normalized>,
+    accumulator: Accumulator,
+    scrape_duration_seconds: f64,
+    errors: BTreeMap<ScrapeError, u64>,
+    malformed_lines_total: u64,
+}
+
+impl PodState {
+    fn new(target: Target) -> Self {
+        Self {
+            runtime: target.runtime_hint,
+            target,
+            up: false,
+            latest: None,
+            accumulator: Accumulator::default(),
+            scrape_duration_seconds: 0.0,
+            errors: BTreeMap::new(),
+            malformed_lines_total: 0,
+        }
+    }
+
+    fn labels(&self) -> Vec<(String, String)> {
+        let mut l = vec![
+            ("namespace".to_string(), self.target.namespace.clone()),
+            ("pod".to_string(), self.target.pod.clone()),
+            (
+                "runtime".to_string(),
+                self.runtime.map_or("unknown", Runtime::as_str).to_string(),
+            ),
+        ];
+        l.extend(
+            self.target
+                .workload
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        l
+    }
+
+    fn record(&mut self, outcome: Result<Normalized, ScrapeError>, took: Duration) {
+        self.scrape_duration_seconds = took.as_secs_f64();
+        match outcome {
+            Ok(n) => {
+                self.up = true;
+                self.runtime = Some(n.runtime);
+                self.malformed_lines_total += n.malformed_lines;
+                self.accumulator.update(&n);
+                self.latest = Some(n);
+            }
+            Err(e) => {
+                self.up = false;
+                self.latest = None;
+                *self.errors.entry(e).or_insert(0) += 1;
+            }
+        }
+    }
+}
+
+/// Discovers runtime pods (through [`RuntimeCollector::update_pods`]),
+/// scrapes them on its own loop and holds the normalized results for
+/// [`RuntimeCollectorHandle`] to encode.
+pub struct RuntimeCollector {
+    args: RuntimeArgs,
+    selector: LabelSelector,
+    policy: WorkloadLabelPolicy,
+    limits: ParseLimits,
+    pods: Mutex<BTreeMap<String, PodState>>,
+    pods_changed: tokio::sync::Notify,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl std::fmt::Debug for RuntimeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeCollector")
+            .field("args", &self.args)
+            .field("targets", &lock(&self.pods).len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RuntimeCollector {
+    /// An invalid selector is logged and replaced by "match nothing but the
+    /// default", so the exporter keeps running.
+    pub fn new(args: &RuntimeArgs, policy: WorkloadLabelPolicy) -> Arc<Self> {
+        let selector = LabelSelector::parse(&args.runtime_selector).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "bad --runtime-selector; using app.kubernetes.io/part-of=llm-platform");
+            LabelSelector::parse("app.kubernetes.io/part-of=llm-platform").unwrap_or_default()
+        });
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(args.runtime_scrape_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Arc::new(Self {
+            limits: ParseLimits {
+                max_body_bytes: args.runtime_max_body_bytes,
+                max_series: args.runtime_max_series,
+                ..ParseLimits::default()
+            },
+            args: args.clone(),
+            selector,
+            policy,
+            pods: Mutex::new(BTreeMap::new()),
+            pods_changed: tokio::sync::Notify::new(),
+            client,
+        })
+    }
+
+    /// Called by the exporter whenever its node-scoped pod watch changes (all pods on the node).
+    pub fn update_pods(&self, pods: &[PodInfo]) {
+        let cfg = discovery::DiscoveryConfig {
+            selector: self.selector.clone(),
+            default_port: self.args.runtime_default_port,
+        };
+        let targets: BTreeMap<String, Target> = pods
+            .iter()
+            .filter_map(|p| discovery::target_for(p, &cfg, &self.policy))
+            .map(|t| (t.key.clone(), t))
+            .collect();
+        let mut changed = false;
+        {
+            let mut state = lock(&self.pods);
+            let before = state.len();
+            state.retain(|k, _| targets.contains_key(k));
+            changed |= state.len() != before;
+            for (key, target) in targets {
+                match state.get_mut(&key) {
+                    Some(s) if s.target == target => {}
+                    Some(s) => {
+                        if s.runtime.is_none() {
+                            s.runtime = target.runtime_hint;
+                        }
+                        s.target = target;
+                        changed = true;
+                    }
+                    None => {
+                        state.insert(key, PodState::new(target));
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.pods_changed.notify_one();
+        }
+    }
+
+    /// Scrape loop; returns when `shutdown` resolves. New pods are scraped
+    /// at once, then every `--runtime-scrape-interval`.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        if self.args.runtime_disable {
+            tracing::info!("runtime metrics disabled");
+            shutdown.await;
+            return;
+        }
+        let mut ticker = tokio::time::interval(self.args.runtime_scrape_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.pods_changed.notified() => {}
+                _ = &mut shutdown => return,
+            }
+            tokio::select! {
+                _ = self.scrape_all() => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+
+    /// Scrapes every target concurrently; each scrape has its own deadline,
+    /// so a slow runtime delays nobody else.
+    pub async fn scrape_all(&self) {
+        let targets: Vec<Target> = lock(&self.pods)
+            .values()
+            .map(|s| s.target.clone())
+            .collect();
+        let results = futures_util::future::join_all(targets.into_iter().map(|t| async move {
+            let started = Instant::now();
+            let hint = t.runtime_hint;
+            let outcome = match &t.url {
+                Some(url) => self.scrape_one(url, hint).await,
+                None => Err(ScrapeError::UnsupportedScheme),
+            };
+            (t, outcome, started.elapsed())
+        }))
+        .await;
+        let mut state = lock(&self.pods);
+        for (target, outcome, took) in results {
+            if let Err(e) = &outcome {
+                tracing::debug!(pod = %target.pod, namespace = %target.namespace, reason = e.as_str(), "runtime scrape failed");
+            }
+            // The pod may have gone (or changed) while we scraped.
+            if let Some(s) = state.get_mut(&target.key) {
+                if s.target.url == target.url {
+                    s.record(outcome, took);
+                }
+            }
+        }
+    }
+
+    async fn scrape_one(
+        &self,
+        url: &str,
+        hint: Option<Runtime>,
+    ) -> Result<Normalized, ScrapeError> {
+        let deadline = self.args.runtime_scrape_timeout;
+        let body = tokio::time::timeout(deadline, self.fetch(url))
+            .await
+            .map_err(|_| ScrapeError::Timeout)??;
+        let text = String::from_utf8_lossy(&body);
+        normalize_with(&text, hint, &self.limits).map_err(|e| ScrapeError::from(&e))
+    }
+
+    async fn fetch(&self, url: &str) -> Result<Bytes, ScrapeError> {
+        let req = http::Request::get(url)
+            .header(
+                http::header::ACCEPT,
+                "text/plain;version=0.0.4;q=0.9,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.1",
+            )
+            .header(http::header::USER_AGENT, "tokentap-gpu-exporter")
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| ScrapeError::Connect)?;
+        let resp = self.client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                ScrapeError::Connect
+            } else {
+                ScrapeError::Read
+            }
+        })?;
+        if !resp.status().is_success() {
+            return Err(ScrapeError::HttpStatus);
+        }
+        match Limited::new(resp.into_body(), self.limits.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ScrapeError::BodyTooLarge),
+            Err(_) => Err(ScrapeError::Read),
+        }
+    }
+
+    /// Records a metrics body fetched by other means for the target `key`
+    /// (a pod UID), exactly as a scrape would; unknown keys are ignored.
+    pub fn ingest(&self, key: &str, body: &str) {
+        let hint = lock(&self.pods)
+            .get(key)
+            .and_then(|s| s.target.runtime_hint);
+        let outcome = if body.len() > self.limits.max_body_bytes {
+            Err(ScrapeError::BodyTooLarge)
+        } else {
+            normalize_with(body, hint, &self.limits).map_err(|e| ScrapeError::from(&e))
+        };
+        if let Some(s) = lock(&self.pods).get_mut(key) {
+            s.record(outcome, Duration::ZERO);
+        }
+    }
+
+    /// Records a failed scrape of the target `key`.
+    pub fn ingest_failure(&self, key: &str, reason: ScrapeError) {
+        if let Some(s) = lock(&self.pods).get_mut(key) {
+            s.record(Err(reason), Duration::ZERO);
+        }
+    }
+
+    /// Number of discovered runtime pods.
+    pub fn target_count(&self) -> usize {
+        lock(&self.pods).len()
+    }
+
+    fn snapshot(&self) -> Vec<PodState> {
+        lock(&self.pods).values().cloned().collect()
+    }
+}
+
+/// Registered by the exporter into its prometheus-client Registry via
+/// `registry.register_collector(Box::new(handle))`.
+#[derive(Clone, Debug)]
+pub struct RuntimeCollectorHandle(pub Arc<RuntimeCollector>);
+
+type Labels = Vec<(String, String)>;
+
+fn encode_gauges(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    if series.is_empty() {
+        return Ok(());
+    }
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        m.encode_family(labels)?.encode_gauge(v)?;
+    }
+    Ok(())
+}
+
+fn encode_counters(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    if series.is_empty() {
+        return Ok(());
+    }
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        m.encode_family(labels)?
+            .encode_counter::<NoLabelSet, f64, f64>(v, None)?;
+    }
+    Ok(())
+}
+
+fn with(labels: &Labels, key: &str, value: &str) -> Labels {
+    let mut l = labels.clone();
+    l.push((key.to_string(), value.to_string()));
+    l
+}
+
+impl Collector for RuntimeCollectorHandle {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let pods = self.0.snapshot();
+        let labelled: Vec<(Labels, &PodState)> = pods.iter().map(|p| (p.labels(), p)).collect();
+
+        encode_gauges(
+            &mut encoder,
+            "llm_runtime_targets",
+            "Inference-runtime pods discovered on this node.",
+            &[(Vec::new(), pods.len() as f64)],
+        )?;
+        let up: Vec<_> = labelled
+            .iter()
+            .map(|(l, p)| (l.clone(), if p.up { 1.0 } else { 0.0 }))
+            .collect();
+        encode_gauges(
+            &mut encoder,
+            "llm_runtime_up",
+            "1 when the last scrape of the runtime succeeded, else 0.",
+            &up,
+        )?;
+        let took: Vec<_> = labelled
+            .iter()
+            .map(|(l, p)| (l.clone(), p.scrape_duration_seconds))
+            .collect();
+        encode_gauges(
+            &mut encoder,
+            "llm_runtime_scrape_duration_seconds",
+            "Duration of the last scrape of the runtime.",
+            &took,
+        )?;
+        let errors: Vec<_> = labelled
+            .iter()
+            .flat_map(|(l, p)| {
+                ScrapeError::ALL.iter().map(move |r| {
+                    (
+                        with(l, "reason", r.as_str()),
+                        p.errors.get(r).copied().unwrap_or(0) as f64,
+                    )
+                })
+            })
+            .collect();
+        encode_counters(
+            &mut encoder,
+            "llm_runtime_scrape_errors",
+            "Failed scrapes of the runtime, by reason.",
+            &errors,
+        )?;
+        let malformed: Vec<_> = labelled
+            .iter()
+            .map(|(l, p)| (l.clone(), p.malformed_lines_total as f64))
+            .collect();
+        encode_counters(
+            &mut encoder,
+            "llm_runtime_scrape_malformed_lines",
+            "Exposition lines of the runtime that could not be parsed and were skipped.",
+            &malformed,
+        )?;
+        let restarts: Vec<_> = labelled
+            .iter()
+            .map(|(l, p)| (l.clone(), p.accumulator.restarts() as f64))
+            .collect();
+        encode_counters(
+            &mut encoder,
+            "llm_runtime_restarts",
+            "Runtime restarts seen (counters reset or process start time changed).",
+            &restarts,
+        )?;
+
+        // Everything below is only for runtimes that are up right now.
+        let live: Vec<&(Labels, &PodState)> = labelled.iter().filter(|(_, p)| p.up).collect();
+        for kind in GaugeKind::ALL {
+            let series: Vec<_> = live
+                .iter()
+                .filter_map(|(l, p)| {
+                    p.latest
+                        .as_ref()
+                        .and_then(|n| n.gauges.get(&kind))
+                        .map(|v| (l.clone(), *v))
+                })
+                .collect();
+            encode_gauges(&mut encoder, kind.name(), kind.help(), &series)?;
+        }
+        let starts: Vec<_> = live
+            .iter()
+            .filter_map(|(l, p)| {
+                p.latest
+                    .as_ref()
+                    .and_then(|n| n.process_start_time_seconds)
+                    .map(|v| (l.clone(), v))
+            })
+            .collect();
+        encode_gauges(
+            &mut encoder,
+            "llm_runtime_process_start_time_seconds",
+            "Start time of the runtime process (Unix seconds), when the runtime reports it.",
+            &starts,
+        )?;
+        for kind in CounterKind::ALL {
+            let series: Vec<_> = live
+                .iter()
+                .filter_map(|(l, p)| p.accumulator.counter(kind).map(|v| (l.clone(), v)))
+                .collect();
+            encode_counters(&mut encoder, kind.name(), kind.help(), &series)?;
+        }
+        let outcomes: Vec<_> = live
+            .iter()
+            .flat_map(|(l, p)| {
+                Outcome::ALL.iter().filter_map(move |o| {
+                    p.accumulator
+                        .outcome(*o)
+                        .map(|v| (with(l, "outcome", o.as_str()), v))
+                })
+            })
+            .collect();
+        encode_counters(
+            &mut encoder,
+            "llm_runtime_requests",
+            "Finished requests by outcome (stop, length, success, abort, error).",
+            &outcomes,
+        )?;
+        for kind in HistogramKind::ALL {
+            let series: Vec<_> = live
+                .iter()
+                .filter_map(|(l, p)| p.accumulator.histogram(kind).map(|h| (l.clone(), h)))
+                .collect();
+            if series.is_empty() {
+                continue;
+            }
+            let mut m =
+                encoder.encode_descriptor(kind.name(), kind.help(), None, MetricType::Histogram)?;
+            for (labels, h) in &series {
+                let mut prev = 0.0;
+                let buckets: Vec<(f64, u64)> = h
+                    .buckets
+                    .iter()
+                    .map(|(le, c)| {
+                        let n = (c - prev).max(0.0);
+                        prev = prev.max(*c);
+                        (*le, n.round() as u64)
+                    })
+                    .collect();
+                m.encode_family(labels)?.encode_histogram::<NoLabelSet>(
+                    h.sum,
+                    h.count.max(0.0).round() as u64,
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
