@@ -1,0 +1,236 @@
+//! Command line and environment. Every flag has an environment variable so
+//! that the DaemonSet can configure it from a ConfigMap or the downward API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+
+/// Parses `500ms`, `10s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 10s, 2m"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {text:?}")),
+    };
+    let seconds = value * scale;
+    if !seconds.is_finite() || seconds > 1e9 {
+        return Err(format!("duration {text:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// gpu-exporter: GPU metrics from NVML, attributed to pods and workloads.
+#[derive(Debug, Parser)]
+#[command(name = "gpu-exporter", version, about, long_about = None)]
+pub struct Cli {
+    /// Address to serve /metrics and /healthz on.
+    #[arg(long, env = "GPU_EXPORTER_LISTEN", default_value = "0.0.0.0:9402")]
+    pub listen: SocketAddr,
+
+    /// Name of this node (downward API `spec.nodeName`); scopes the pod watch
+    /// and is exported on `llm_gpu_info`.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+
+    /// Time between collection passes. Scrapes serve the last pass.
+    #[arg(long, env = "GPU_EXPORTER_COLLECT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub collect_interval: Duration,
+
+    #[command(flatten)]
+    pub nvml: NvmlArgs,
+
+    #[command(flatten)]
+    pub kubelet: KubeletArgs,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
+
+    /// Extra pod label keys that become series labels, comma-separated
+    /// (`model`, `route_class`, `team` are always present).
+    #[arg(long, env = "GPU_EXPORTER_POD_LABEL_ALLOWLIST", value_delimiter = ',')]
+    pub pod_label_allowlist: Vec<String>,
+
+    /// Root of the host's process table, for PID-to-pod attribution of GPU
+    /// processes (mount the host's /proc here); empty disables it.
+    #[arg(long, env = "GPU_EXPORTER_HOST_PROC", default_value = "/proc")]
+    pub host_proc: String,
+
+    /// How long counters of a pod that left the node are still exported.
+    #[arg(long, env = "GPU_EXPORTER_STALE_RETENTION", default_value = "15m", value_parser = parse_duration)]
+    pub stale_retention: Duration,
+
+    /// Also export dcgm-exporter-compatible names (DCGM_FI_DEV_*).
+    #[arg(long, env = "GPU_EXPORTER_DCGM_COMPAT", default_value_t = false)]
+    pub dcgm_compat: bool,
+
+    /// Log format.
+    #[arg(long, env = "GPU_EXPORTER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, env = "GPU_EXPORTER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    // TODO(runtime-metrics): flatten `tokentap_runtime_metrics::RuntimeArgs`
+    // here once that crate exposes it (issue #5).
+}
+
+#[derive(Debug, Args)]
+pub struct NvmlArgs {
+    /// NVML library to load (default: libnvidia-ml.so.1 from the loader path).
+    #[arg(long = "nvml-lib", env = "GPU_EXPORTER_NVML_LIB")]
+    pub lib: Option<PathBuf>,
+
+    /// Wait between attempts to load NVML after a failure.
+    #[arg(long = "nvml-retry-interval", env = "GPU_EXPORTER_NVML_RETRY_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub retry_interval: Duration,
+
+    /// Disable the XID event thread.
+    #[arg(long = "no-xid-events", env = "GPU_EXPORTER_NO_XID_EVENTS", default_value_t = false)]
+    pub no_xid_events: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KubeletArgs {
+    /// Kubelet PodResources socket; empty disables GPU-to-pod attribution.
+    #[arg(
+        long = "kubelet-socket",
+        env = "GPU_EXPORTER_KUBELET_SOCKET",
+        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )]
+    pub socket: String,
+
+    /// Timeout of one PodResources call.
+    #[arg(long = "kubelet-timeout", env = "GPU_EXPORTER_KUBELET_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub call_timeout: Duration,
+
+    /// Extra resource names that carry NVIDIA GPUs, comma-separated, beyond
+    /// nvidia.com/gpu, nvidia.com/gpu.* and nvidia.com/mig-*.
+    #[arg(long = "gpu-resource-names", env = "GPU_EXPORTER_GPU_RESOURCE_NAMES", value_delimiter = ',')]
+    pub extra_resources: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// Kubernetes API URL. Default: in-cluster (KUBERNETES_SERVICE_HOST);
+    /// `none` disables the pod watch (no workload labels).
+    #[arg(long = "kube-api-url", env = "GPU_EXPORTER_KUBE_API_URL")]
+    pub url: Option<String>,
+
+    /// Bearer token file (re-read on every connection); empty for none.
+    #[arg(long = "kube-token-file", env = "GPU_EXPORTER_KUBE_TOKEN_FILE", default_value = crate::kube::SA_TOKEN)]
+    pub token_file: String,
+
+    /// CA bundle for an https API URL.
+    #[arg(long = "kube-ca-file", env = "GPU_EXPORTER_KUBE_CA_FILE", default_value = crate::kube::SA_CA)]
+    pub ca_file: String,
+
+    /// Timeout of connects and LIST calls.
+    #[arg(long = "kube-timeout", env = "GPU_EXPORTER_KUBE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Server-side timeout of one WATCH; the watch then resumes.
+    #[arg(long = "kube-watch-timeout", env = "GPU_EXPORTER_KUBE_WATCH_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub watch_timeout: Duration,
+}
+
+fn non_empty(s: &str) -> Option<PathBuf> {
+    (!s.trim().is_empty()).then(|| PathBuf::from(s))
+}
+
+impl KubeArgs {
+    /// The API URL to use, if any.
+    pub fn resolved_url(&self) -> Option<String> {
+        match self.url.as_deref().map(str::trim) {
+            Some("none") | Some("") => None,
+            Some(url) => Some(url.to_string()),
+            None => crate::kube::in_cluster_url(),
+        }
+    }
+
+    pub fn token_path(&self) -> Option<PathBuf> {
+        non_empty(&self.token_file)
+    }
+
+    pub fn ca_path(&self) -> Option<PathBuf> {
+        non_empty(&self.ca_file)
+    }
+}
+
+impl KubeletArgs {
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        non_empty(&self.socket)
+    }
+}
+
+impl Cli {
+    pub fn host_proc_path(&self) -> Option<PathBuf> {
+        non_empty(&self.host_proc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let cli = Cli::try_parse_from(["gpu-exporter", "--kube-api-url", "none"]).unwrap();
+        assert_eq!(cli.collect_interval, Duration::from_secs(10));
+        assert_eq!(cli.kube.resolved_url(), None);
+        assert!(cli.kubelet.socket_path().is_some());
+        let cli = Cli::try_parse_from([
+            "gpu-exporter",
+            "--kubelet-socket",
+            "",
+            "--pod-label-allowlist",
+            "app.kubernetes.io/name,env",
+        ])
+        .unwrap();
+        assert!(cli.kubelet.socket_path().is_none());
+        assert_eq!(cli.pod_label_allowlist, ["app.kubernetes.io/name", "env"]);
+    }
+
+    proptest! {
+        #[test]
+        fn whole_units_round_trip(n in 0u64..1_000_000, unit in prop::sample::select(vec![("ms", 1u64), ("s", 1000), ("m", 60_000)])) {
+            let parsed = parse_duration(&format!("{n}{}", unit.0)).unwrap();
+            prop_assert_eq!(parsed.as_millis() as u64, n * unit.1);
+        }
+
+        #[test]
+        fn garbage_is_an_error_not_a_panic(s in "\\PC{0,20}") {
+            let _ = parse_duration(&s);
+        }
+    }
+}
