@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::registry::Registry;
+use tokentap_runtime_metrics::{RuntimeCollector, RuntimeCollectorHandle};
 use tokentap_workload::WorkloadLabelPolicy;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -52,7 +53,10 @@ fn spawn_gpu_thread(
         .spawn(move || loop {
             let started = Instant::now();
             let reading = source.collect();
-            if readings.blocking_send((reading, started.elapsed())).is_err() {
+            if readings
+                .blocking_send((reading, started.elapsed()))
+                .is_err()
+            {
                 return;
             }
             match stop.recv_timeout(interval.saturating_sub(started.elapsed())) {
@@ -171,10 +175,24 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
             }
         }
     };
-    // TODO(runtime-metrics): create `RuntimeCollector::new(&cli.runtime, policy)`,
-    // register `RuntimeCollectorHandle`, spawn `collector.run(..)` and feed it
-    // `PodIndex::pod_infos()` on every pod change, once issue #5's crate
-    // exposes that API.
+    // --- inference runtimes: fed every pod of the node on each change
+    let runtime = RuntimeCollector::new(&cli.runtime, policy.clone());
+    tokio::spawn(runtime.clone().run(stopped(stop_tx.subscribe())));
+    if let Some(store) = &pods {
+        let store = store.clone();
+        let runtime = runtime.clone();
+        let mut changes = store.subscribe();
+        let mut stop = stop_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                runtime.update_pods(&store.snapshot().pod_infos());
+            }
+        });
+    }
 
     // --- kubelet
     let podresources = match cli.kubelet.socket_path() {
@@ -200,6 +218,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
             dcgm_compat: cli.dcgm_compat,
         },
     )));
+    registry.register_collector(Box::new(RuntimeCollectorHandle(runtime)));
     let listener = TcpListener::bind(cli.listen)
         .await
         .map_err(|source| AppError::Listen {
@@ -222,8 +241,13 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
     });
     let (readings_tx, readings_rx) = mpsc::channel(1);
     let (thread_stop_tx, thread_stop_rx) = std::sync::mpsc::channel();
-    let gpu_thread = spawn_gpu_thread(Box::new(source), cli.collect_interval, readings_tx, thread_stop_rx)
-        .map_err(AppError::Thread)?;
+    let gpu_thread = spawn_gpu_thread(
+        Box::new(source),
+        cli.collect_interval,
+        readings_tx,
+        thread_stop_rx,
+    )
+    .map_err(AppError::Thread)?;
     let builder = SnapshotBuilder::new(node.clone(), policy, filter.clone(), cli.stale_retention);
     let collection = tokio::spawn(collection_loop(
         readings_rx,

@@ -103,7 +103,9 @@ pub fn parse_cgroup_path(path: &str) -> Option<ProcessOwner> {
         .iter()
         .enumerate()
         .find_map(|(i, s)| pod_uid_of_segment(s).map(|uid| (i, uid)))?;
-    let container_id = segments.get(at + 1).and_then(|s| container_id_of_segment(s));
+    let container_id = segments
+        .get(at + 1)
+        .and_then(|s| container_id_of_segment(s));
     Some(ProcessOwner {
         pod_uid,
         container_id,
@@ -153,9 +155,7 @@ mod tests {
 
     #[test]
     fn cgroupfs_v1_and_guaranteed_qos() {
-        let text = format!(
-            "12:pids:/\n11:memory:/kubepods/pod{UID}/{CID}\n0::/\n"
-        );
+        let text = format!("12:pids:/\n11:memory:/kubepods/pod{UID}/{CID}\n0::/\n");
         let owner = parse_cgroup_file(&text).unwrap();
         assert_eq!(owner.pod_uid, UID);
         assert_eq!(owner.container_id.as_deref(), Some(CID));
@@ -163,13 +163,19 @@ mod tests {
             "0::/kubepods.slice/kubepods-pod{}.slice/crio-{CID}.scope",
             UID.replace('-', "_")
         );
-        assert_eq!(parse_cgroup_file(&crio).unwrap().container_id.as_deref(), Some(CID));
+        assert_eq!(
+            parse_cgroup_file(&crio).unwrap().container_id.as_deref(),
+            Some(CID)
+        );
     }
 
     #[test]
     fn not_a_pod() {
         assert_eq!(parse_cgroup_file("0::/system.slice/sshd.service\n"), None);
-        assert_eq!(parse_cgroup_file("0::/kubepods.slice/kubepods-burstable.slice\n"), None);
+        assert_eq!(
+            parse_cgroup_file("0::/kubepods.slice/kubepods-burstable.slice\n"),
+            None
+        );
         assert_eq!(parse_cgroup_file(""), None);
     }
 
@@ -178,7 +184,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tokentap-cgroup-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("77")).unwrap();
         std::fs::create_dir_all(dir.join("self")).unwrap();
-        std::fs::write(dir.join("77/cgroup"), format!("0::/kubepods/burstable/pod{UID}/{CID}\n")).unwrap();
+        std::fs::write(
+            dir.join("77/cgroup"),
+            format!("0::/kubepods/burstable/pod{UID}/{CID}\n"),
+        )
+        .unwrap();
         let resolver = ProcCgroupResolver::new(&dir);
         assert_eq!(resolver.owner(77).unwrap().unwrap().pod_uid, UID);
         assert_eq!(resolver.owner(78), Ok(None));

@@ -82,15 +82,21 @@ pub struct Cli {
     pub dcgm_compat: bool,
 
     /// Log format.
-    #[arg(long, env = "GPU_EXPORTER_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "GPU_EXPORTER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, env = "GPU_EXPORTER_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
-    // TODO(runtime-metrics): flatten `tokentap_runtime_metrics::RuntimeArgs`
-    // here once that crate exposes it (issue #5).
+    /// Inference-runtime scraping (normalized `llm_runtime_*` metrics).
+    #[command(flatten)]
+    pub runtime: tokentap_runtime_metrics::RuntimeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -104,7 +110,11 @@ pub struct NvmlArgs {
     pub retry_interval: Duration,
 
     /// Disable the XID event thread.
-    #[arg(long = "no-xid-events", env = "GPU_EXPORTER_NO_XID_EVENTS", default_value_t = false)]
+    #[arg(
+        long = "no-xid-events",
+        env = "GPU_EXPORTER_NO_XID_EVENTS",
+        default_value_t = false
+    )]
     pub no_xid_events: bool,
 }
 
@@ -124,7 +134,11 @@ pub struct KubeletArgs {
 
     /// Extra resource names that carry NVIDIA GPUs, comma-separated, beyond
     /// nvidia.com/gpu, nvidia.com/gpu.* and nvidia.com/mig-*.
-    #[arg(long = "gpu-resource-names", env = "GPU_EXPORTER_GPU_RESOURCE_NAMES", value_delimiter = ',')]
+    #[arg(
+        long = "gpu-resource-names",
+        env = "GPU_EXPORTER_GPU_RESOURCE_NAMES",
+        value_delimiter = ','
+    )]
     pub extra_resources: Vec<String>,
 }
 

@@ -148,11 +148,13 @@ impl From<PodJson> for NodePod {
             .iter()
             .flat_map(|c| {
                 c.ports.iter().filter_map(|p| {
-                    u16::try_from(p.container_port).ok().map(|port| ContainerPort {
-                        container: c.name.clone(),
-                        name: p.name.clone(),
-                        port,
-                    })
+                    u16::try_from(p.container_port)
+                        .ok()
+                        .map(|port| ContainerPort {
+                            container: c.name.clone(),
+                            name: p.name.clone(),
+                            port,
+                        })
                 })
             })
             .collect();
@@ -199,7 +201,10 @@ pub enum WatchEvent {
     Bookmark(String),
     /// The server ended the watch with a Status; 410 means the
     /// resourceVersion is too old and a re-list is needed.
-    Error { code: u16, message: String },
+    Error {
+        code: u16,
+        message: String,
+    },
 }
 
 pub fn decode_watch_line(line: &[u8]) -> Result<WatchEvent, KubeError> {
@@ -344,10 +349,7 @@ pub struct WatchReport {
 
 impl PodStore {
     pub fn snapshot(&self) -> Arc<PodIndex> {
-        self.index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A receiver that sees a new value after every change of the pod set.
@@ -474,7 +476,10 @@ fn parse_url(url: &str) -> Result<Target, KubeError> {
         _ => return Err(bad()),
     };
     let host = uri.host().ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(bad());
@@ -567,8 +572,9 @@ impl KubeClient {
         let _ = tcp.set_nodelay(true);
         #[cfg(feature = "in-cluster-tls")]
         if let Some(tls) = &self.tls {
-            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.target.host.clone())
-                .map_err(|e| KubeError::Tls(e.to_string()))?;
+            let name =
+                tokio_rustls::rustls::pki_types::ServerName::try_from(self.target.host.clone())
+                    .map_err(|e| KubeError::Tls(e.to_string()))?;
             let stream = tokio::time::timeout(self.config.timeout, tls.connect(name, tcp))
                 .await
                 .map_err(|_| KubeError::Timeout)?
@@ -627,7 +633,12 @@ impl KubeClient {
                 .await
                 .ok()
                 .and_then(Result::ok)
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).chars().take(300).collect())
+                .map(|b| {
+                    String::from_utf8_lossy(&b.to_bytes())
+                        .chars()
+                        .take(300)
+                        .collect()
+                })
                 .unwrap_or_default();
             return Err(KubeError::Status { status, body });
         }
@@ -661,8 +672,16 @@ impl KubeClient {
 
     /// Watches from `resource_version`, applying events to `store`, until the
     /// server closes the stream. Returns the last resourceVersion seen.
-    pub async fn watch(&self, resource_version: &str, store: &PodStore) -> Result<String, KubeError> {
-        let path = watch_path(&self.config.node_name, resource_version, self.config.watch_timeout);
+    pub async fn watch(
+        &self,
+        resource_version: &str,
+        store: &PodStore,
+    ) -> Result<String, KubeError> {
+        let path = watch_path(
+            &self.config.node_name,
+            resource_version,
+            self.config.watch_timeout,
+        );
         let mut body = self.get(&path).await?.into_body();
         let mut version = resource_version.to_string();
         let mut buffer = BytesMut::new();
@@ -758,10 +777,11 @@ fn tls_connector(ca_file: Option<&PathBuf>) -> Result<tokio_rustls::TlsConnector
     use rustls_pki_types::CertificateDer;
     use tokio_rustls::rustls;
 
-    let path = ca_file
-        .ok_or_else(|| KubeError::Tls("an https:// API URL needs a CA file".into()))?;
+    let path =
+        ca_file.ok_or_else(|| KubeError::Tls("an https:// API URL needs a CA file".into()))?;
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path).map_err(|e| KubeError::Tls(format!("{}: {e}", path.display())))?;
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| KubeError::Tls(format!("{}: {e}", path.display())))?;
     for cert in certs {
         let cert = cert.map_err(|e| KubeError::Tls(format!("{}: {e}", path.display())))?;
         roots
@@ -769,7 +789,10 @@ fn tls_connector(ca_file: Option<&PathBuf>) -> Result<tokio_rustls::TlsConnector
             .map_err(|e| KubeError::Tls(format!("{}: {e}", path.display())))?;
     }
     if roots.is_empty() {
-        return Err(KubeError::Tls(format!("{}: no certificates", path.display())));
+        return Err(KubeError::Tls(format!(
+            "{}: no certificates",
+            path.display()
+        )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -834,7 +857,8 @@ mod tests {
 
     #[test]
     fn watch_lines_decode() {
-        let line = serde_json::to_vec(&json!({"type": "ADDED", "object": pod_json("a", "u-a")})).unwrap();
+        let line =
+            serde_json::to_vec(&json!({"type": "ADDED", "object": pod_json("a", "u-a")})).unwrap();
         match decode_watch_line(&line).unwrap() {
             WatchEvent::Added(pod, rv) => {
                 assert_eq!(pod.info.uid, "u-a");
@@ -851,7 +875,10 @@ mod tests {
             }
         );
         let bookmark = br#"{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"99"}}}"#;
-        assert_eq!(decode_watch_line(bookmark).unwrap(), WatchEvent::Bookmark("99".into()));
+        assert_eq!(
+            decode_watch_line(bookmark).unwrap(),
+            WatchEvent::Bookmark("99".into())
+        );
         assert!(decode_watch_line(b"{not json").is_err());
     }
 

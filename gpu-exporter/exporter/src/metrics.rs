@@ -208,7 +208,12 @@ pub fn encode_snapshot(
             1.0,
         ));
     }
-    gauge(enc, "llm_gpu_info", "Static identity of each GPU; join on gpu_uuid.", info_rows)?;
+    gauge(
+        enc,
+        "llm_gpu_info",
+        "Static identity of each GPU; join on gpu_uuid.",
+        info_rows,
+    )?;
 
     // ---- per GPU
     gauge(
@@ -259,7 +264,9 @@ pub fn encode_snapshot(
         enc,
         "llm_gpu_memory_reserved_bytes",
         "Device memory reserved by the driver and firmware.",
-        per_gpu(gpus, &strings, |d| d.memory.map(|m| m.reserved_bytes as f64)),
+        per_gpu(gpus, &strings, |d| {
+            d.memory.map(|m| m.reserved_bytes as f64)
+        }),
     )?;
     gauge(
         enc,
@@ -271,31 +278,41 @@ pub fn encode_snapshot(
         enc,
         "llm_gpu_power_usage_watts",
         "Board power draw.",
-        per_gpu(gpus, &strings, |d| d.power_usage_milliwatts.map(|v| f64::from(v) / 1000.0)),
+        per_gpu(gpus, &strings, |d| {
+            d.power_usage_milliwatts.map(|v| f64::from(v) / 1000.0)
+        }),
     )?;
     gauge(
         enc,
         "llm_gpu_power_limit_watts",
         "Enforced power limit.",
-        per_gpu(gpus, &strings, |d| d.power_limit_milliwatts.map(|v| f64::from(v) / 1000.0)),
+        per_gpu(gpus, &strings, |d| {
+            d.power_limit_milliwatts.map(|v| f64::from(v) / 1000.0)
+        }),
     )?;
     counter(
         enc,
         "llm_gpu_energy_consumption_joules",
         "Energy consumed since the driver was loaded.",
-        per_gpu(gpus, &strings, |d| d.energy_millijoules.map(|v| v as f64 / 1000.0)),
+        per_gpu(gpus, &strings, |d| {
+            d.energy_millijoules.map(|v| v as f64 / 1000.0)
+        }),
     )?;
     gauge(
         enc,
         "llm_gpu_sm_clock_hertz",
         "Current SM clock.",
-        per_gpu(gpus, &strings, |d| d.sm_clock_mhz.map(|v| f64::from(v) * 1e6)),
+        per_gpu(gpus, &strings, |d| {
+            d.sm_clock_mhz.map(|v| f64::from(v) * 1e6)
+        }),
     )?;
     gauge(
         enc,
         "llm_gpu_memory_clock_hertz",
         "Current memory clock.",
-        per_gpu(gpus, &strings, |d| d.memory_clock_mhz.map(|v| f64::from(v) * 1e6)),
+        per_gpu(gpus, &strings, |d| {
+            d.memory_clock_mhz.map(|v| f64::from(v) * 1e6)
+        }),
     )?;
     gauge(
         enc,
@@ -351,7 +368,14 @@ pub fn encode_snapshot(
         let mut rows = Vec::new();
         for (x, index) in snap.xid.iter().zip(&xid_index) {
             let mut labels = vec![
-                ("gpu", if x.gpu_index == u32::MAX { "" } else { index.as_str() }),
+                (
+                    "gpu",
+                    if x.gpu_index == u32::MAX {
+                        ""
+                    } else {
+                        index.as_str()
+                    },
+                ),
                 ("gpu_uuid", x.gpu_uuid.as_str()),
             ];
             push_owner(&mut labels, &x.owner);
@@ -402,7 +426,12 @@ pub fn encode_snapshot(
             .map(|g| {
                 g.mig
                     .iter()
-                    .map(|m| m.reading.gpu_instance_id.map(|i| i.to_string()).unwrap_or_default())
+                    .map(|m| {
+                        m.reading
+                            .gpu_instance_id
+                            .map(|i| i.to_string())
+                            .unwrap_or_default()
+                    })
                     .collect()
             })
             .collect();
@@ -411,7 +440,12 @@ pub fn encode_snapshot(
             .map(|g| {
                 g.mig
                     .iter()
-                    .map(|m| m.reading.compute_instance_id.map(|i| i.to_string()).unwrap_or_default())
+                    .map(|m| {
+                        m.reading
+                            .compute_instance_id
+                            .map(|i| i.to_string())
+                            .unwrap_or_default()
+                    })
                     .collect()
             })
             .collect();
@@ -449,10 +483,30 @@ pub fn encode_snapshot(
                 }
             }
         }
-        gauge(enc, "llm_gpu_mig_info", "Static identity of each MIG instance.", info)?;
-        gauge(enc, "llm_gpu_mig_memory_used_bytes", "Memory allocated in a MIG instance.", used)?;
-        gauge(enc, "llm_gpu_mig_memory_free_bytes", "Free memory of a MIG instance.", free)?;
-        gauge(enc, "llm_gpu_mig_memory_total_bytes", "Memory of a MIG instance.", total)?;
+        gauge(
+            enc,
+            "llm_gpu_mig_info",
+            "Static identity of each MIG instance.",
+            info,
+        )?;
+        gauge(
+            enc,
+            "llm_gpu_mig_memory_used_bytes",
+            "Memory allocated in a MIG instance.",
+            used,
+        )?;
+        gauge(
+            enc,
+            "llm_gpu_mig_memory_free_bytes",
+            "Free memory of a MIG instance.",
+            free,
+        )?;
+        gauge(
+            enc,
+            "llm_gpu_mig_memory_total_bytes",
+            "Memory of a MIG instance.",
+            total,
+        )?;
     }
 
     // ---- allocation
@@ -495,7 +549,10 @@ pub fn encode_snapshot(
         enc,
         "llm_gpu_exporter_build_info",
         "Exporter version and the node it runs on.",
-        vec![(vec![("version", version), ("node", snap.node.as_str())], 1.0)],
+        vec![(
+            vec![("version", version), ("node", snap.node.as_str())],
+            1.0,
+        )],
     )?;
     let nvml_up = matches!(snap.nvml, NvmlStatus::Up { .. });
     gauge(
@@ -518,7 +575,12 @@ pub fn encode_snapshot(
         "1 when the collector's last pass succeeded.",
         snap.collectors
             .iter()
-            .map(|(c, s)| (vec![("collector", c.as_str())], if s.success { 1.0 } else { 0.0 }))
+            .map(|(c, s)| {
+                (
+                    vec![("collector", c.as_str())],
+                    if s.success { 1.0 } else { 0.0 },
+                )
+            })
             .collect(),
     )?;
     gauge(
@@ -536,7 +598,12 @@ pub fn encode_snapshot(
         "Failed calls by collector and kind.",
         snap.errors
             .iter()
-            .map(|((c, k), n)| (vec![("collector", c.as_str()), ("kind", k.as_str())], *n as f64))
+            .map(|((c, k), n)| {
+                (
+                    vec![("collector", c.as_str()), ("kind", k.as_str())],
+                    *n as f64,
+                )
+            })
             .collect(),
     )?;
     counter(
@@ -587,7 +654,15 @@ fn encode_dcgm(
     let gpus = snap.gpus.as_slice();
     let devices: Vec<String> = gpus
         .iter()
-        .map(|g| format!("nvidia{}", g.device.identity.minor_number.unwrap_or(g.device.identity.index)))
+        .map(|g| {
+            format!(
+                "nvidia{}",
+                g.device
+                    .identity
+                    .minor_number
+                    .unwrap_or(g.device.identity.index)
+            )
+        })
         .collect();
     let rows = |value: &dyn Fn(&GpuEntry) -> Option<f64>| {
         let mut rows = Vec::new();
@@ -601,18 +676,64 @@ fn encode_dcgm(
         rows
     };
     let fields: [DcgmField<'_>; 12] = [
-        ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", &|g| g.device.utilization_gpu_percent.map(f64::from)),
-        ("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", &|g| g.device.utilization_memory_percent.map(f64::from)),
-        ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", &|g| g.device.memory.map(|m| (m.used_bytes as f64 / MIB).floor())),
-        ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", &|g| g.device.memory.map(|m| (m.free_bytes as f64 / MIB).floor())),
-        ("DCGM_FI_DEV_FB_RESERVED", "Framebuffer memory reserved (in MiB).", &|g| g.device.memory.map(|m| (m.reserved_bytes as f64 / MIB).floor())),
-        ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", &|g| g.device.temperature_celsius.map(f64::from)),
-        ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", &|g| g.device.power_usage_milliwatts.map(|v| f64::from(v) / 1000.0)),
-        ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy consumption since boot (in mJ).", &|g| g.device.energy_millijoules.map(|v| v as f64)),
-        ("DCGM_FI_DEV_SM_CLOCK", "SM frequency (in MHz).", &|g| g.device.sm_clock_mhz.map(f64::from)),
-        ("DCGM_FI_DEV_MEM_CLOCK", "Memory frequency (in MHz).", &|g| g.device.memory_clock_mhz.map(f64::from)),
-        ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total number of PCIe retries.", &|g| g.device.pcie_replays.map(f64::from)),
-        ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.", &|g| Some(g.last_xid.map(|v| v as f64).unwrap_or(0.0)).filter(|_| g.up)),
+        ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", &|g| {
+            g.device.utilization_gpu_percent.map(f64::from)
+        }),
+        (
+            "DCGM_FI_DEV_MEM_COPY_UTIL",
+            "Memory utilization (in %).",
+            &|g| g.device.utilization_memory_percent.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_FB_USED",
+            "Framebuffer memory used (in MiB).",
+            &|g| g.device.memory.map(|m| (m.used_bytes as f64 / MIB).floor()),
+        ),
+        (
+            "DCGM_FI_DEV_FB_FREE",
+            "Framebuffer memory free (in MiB).",
+            &|g| g.device.memory.map(|m| (m.free_bytes as f64 / MIB).floor()),
+        ),
+        (
+            "DCGM_FI_DEV_FB_RESERVED",
+            "Framebuffer memory reserved (in MiB).",
+            &|g| {
+                g.device
+                    .memory
+                    .map(|m| (m.reserved_bytes as f64 / MIB).floor())
+            },
+        ),
+        ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", &|g| {
+            g.device.temperature_celsius.map(f64::from)
+        }),
+        ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", &|g| {
+            g.device
+                .power_usage_milliwatts
+                .map(|v| f64::from(v) / 1000.0)
+        }),
+        (
+            "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+            "Total energy consumption since boot (in mJ).",
+            &|g| g.device.energy_millijoules.map(|v| v as f64),
+        ),
+        ("DCGM_FI_DEV_SM_CLOCK", "SM frequency (in MHz).", &|g| {
+            g.device.sm_clock_mhz.map(f64::from)
+        }),
+        (
+            "DCGM_FI_DEV_MEM_CLOCK",
+            "Memory frequency (in MHz).",
+            &|g| g.device.memory_clock_mhz.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+            "Total number of PCIe retries.",
+            &|g| g.device.pcie_replays.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_XID_ERRORS",
+            "Value of the last XID error encountered.",
+            &|g| Some(g.last_xid.map(|v| v as f64).unwrap_or(0.0)).filter(|_| g.up),
+        ),
     ];
     for (name, help, value) in fields {
         gauge(enc, name, help, rows(value))?;
@@ -633,7 +754,10 @@ fn dcgm_labels<'a>(
         ("device", device),
         ("modelName", gpu.device.identity.name.as_str()),
         ("Hostname", snap.node.as_str()),
-        ("pci_bus_id", gpu.device.identity.pci_bus_id.as_deref().unwrap_or("")),
+        (
+            "pci_bus_id",
+            gpu.device.identity.pci_bus_id.as_deref().unwrap_or(""),
+        ),
     ];
     push_owner(&mut labels, owner);
     labels
@@ -656,7 +780,10 @@ mod tests {
             cuda_driver_version: Some(12040),
         };
         let mut labels = BTreeMap::new();
-        labels.insert("workload.k8sllm.io/model".to_string(), "mistral-7b".to_string());
+        labels.insert(
+            "workload.k8sllm.io/model".to_string(),
+            "mistral-7b".to_string(),
+        );
         let owner = Owner {
             namespace: "llm".into(),
             pod: "vllm-0".into(),
@@ -697,7 +824,8 @@ mod tests {
                 duration_seconds: 0.002,
             },
         );
-        snap.errors.insert((Collector::PodResources, ErrorKind::NotFound), 2);
+        snap.errors
+            .insert((Collector::PodResources, ErrorKind::NotFound), 2);
         snap
     }
 
@@ -712,7 +840,10 @@ mod tests {
         out
     }
 
-    fn sample<'a>(scrape: &'a prometheus_parse::Scrape, name: &str) -> Vec<&'a prometheus_parse::Sample> {
+    fn sample<'a>(
+        scrape: &'a prometheus_parse::Scrape,
+        name: &str,
+    ) -> Vec<&'a prometheus_parse::Sample> {
         scrape.samples.iter().filter(|s| s.metric == name).collect()
     }
 
@@ -737,9 +868,18 @@ mod tests {
         assert_eq!(util[0].labels.get("model"), Some("mistral-7b"));
         assert_eq!(util[0].labels.get("team"), Some("unknown"));
         assert_eq!(util[0].labels.get("gpu_uuid"), Some("GPU-a"));
-        assert_eq!(value(sample(&scrape, "llm_gpu_power_usage_watts")[0]), 312.5);
-        assert_eq!(value(sample(&scrape, "llm_gpu_energy_consumption_joules_total")[0]), 123.456);
-        assert_eq!(value(sample(&scrape, "llm_gpu_memory_used_bytes")[0]), (3u64 << 30) as f64);
+        assert_eq!(
+            value(sample(&scrape, "llm_gpu_power_usage_watts")[0]),
+            312.5
+        );
+        assert_eq!(
+            value(sample(&scrape, "llm_gpu_energy_consumption_joules_total")[0]),
+            123.456
+        );
+        assert_eq!(
+            value(sample(&scrape, "llm_gpu_memory_used_bytes")[0]),
+            (3u64 << 30) as f64
+        );
         let throttles = sample(&scrape, "llm_gpu_throttle_reason_active");
         assert_eq!(throttles.len(), 9);
         let active: Vec<_> = throttles
@@ -757,7 +897,10 @@ mod tests {
         assert_eq!(errors[0].labels.get("kind"), Some("not_found"));
         assert_eq!(value(errors[0]), 2.0);
         assert!(sample(&scrape, "DCGM_FI_DEV_GPU_UTIL").is_empty());
-        assert!(text.contains("# TYPE llm_gpu_xid_errors_total counter") || !text.contains("llm_gpu_xid_errors"));
+        assert!(
+            text.contains("# TYPE llm_gpu_xid_errors_total counter")
+                || !text.contains("llm_gpu_xid_errors")
+        );
     }
 
     #[test]
@@ -773,7 +916,10 @@ mod tests {
         assert_eq!(util[0].labels.get("pod"), Some("vllm-0"));
         assert_eq!(value(sample(&scrape, "DCGM_FI_DEV_FB_USED")[0]), 3072.0);
         assert_eq!(value(sample(&scrape, "DCGM_FI_DEV_XID_ERRORS")[0]), 79.0);
-        assert_eq!(value(sample(&scrape, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")[0]), 123456.0);
+        assert_eq!(
+            value(sample(&scrape, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")[0]),
+            123456.0
+        );
     }
 
     #[test]

@@ -180,8 +180,9 @@ impl Allocations {
                     if !filter.matches(&devices.resource_name) {
                         continue;
                     }
-                    *out.allocated.entry(devices.resource_name.clone()).or_default() +=
-                        devices.device_ids.len() as u64;
+                    *out.allocated
+                        .entry(devices.resource_name.clone())
+                        .or_default() += devices.device_ids.len() as u64;
                     for id in &devices.device_ids {
                         let Some(key) = parse_device_id(id).key() else {
                             out.unparsed_ids += 1;
@@ -215,7 +216,8 @@ pub fn allocatable_counts(
     let mut out = BTreeMap::new();
     for devices in &response.devices {
         if filter.matches(&devices.resource_name) {
-            *out.entry(devices.resource_name.clone()).or_default() += devices.device_ids.len() as u64;
+            *out.entry(devices.resource_name.clone()).or_default() +=
+                devices.device_ids.len() as u64;
         }
     }
     out
@@ -361,7 +363,10 @@ mod tests {
                 compute_instance_id: 0
             }
         );
-        assert_eq!(parse_device_id("nvidia0"), DeviceRef::Other("nvidia0".into()));
+        assert_eq!(
+            parse_device_id("nvidia0"),
+            DeviceRef::Other("nvidia0".into())
+        );
         assert_eq!(
             parse_device_id("GPU-xyz"),
             DeviceRef::Other("GPU-xyz".into())
@@ -424,14 +429,20 @@ mod tests {
                 pod(
                     "llm",
                     "vllm-b",
-                    vec![("server", vec![devices("nvidia.com/gpu", &[&format!("{UUID}::1")])])],
+                    vec![(
+                        "server",
+                        vec![devices("nvidia.com/gpu", &[&format!("{UUID}::1")])],
+                    )],
                 ),
                 pod(
                     "batch",
                     "train",
                     vec![(
                         "trainer",
-                        vec![devices("nvidia.com/mig-1g.5gb", &["MIG-aaaa-bbbb", "nvidia3"])],
+                        vec![devices(
+                            "nvidia.com/mig-1g.5gb",
+                            &["MIG-aaaa-bbbb", "nvidia3"],
+                        )],
                     )],
                 ),
             ],

@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 
 use crate::metrics::SnapshotCell;
 
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +87,12 @@ impl AppState {
     pub fn render(&self, format: Format) -> Result<String, std::fmt::Error> {
         let mut out = String::with_capacity(self.last_size.load(Ordering::Relaxed) + 1024);
         match format {
-            Format::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?,
-            Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &self.registry)?,
+            Format::Text => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?
+            }
+            Format::OpenMetrics => {
+                prometheus_client::encoding::text::encode(&mut out, &self.registry)?
+            }
         }
         self.last_size.store(out.len(), Ordering::Relaxed);
         Ok(out)
@@ -115,7 +120,11 @@ impl AppState {
     }
 }
 
-fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn response(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
@@ -126,7 +135,11 @@ fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> R
 
 pub fn handle(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "GET only\n");
+        return response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "GET only\n",
+        );
     }
     match req.uri().path() {
         "/metrics" => {
@@ -159,7 +172,11 @@ pub fn handle(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>
             "text/plain; charset=utf-8",
             "tokentap gpu-exporter: /metrics, /healthz\n",
         ),
-        _ => response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
+        _ => response(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n",
+        ),
     }
 }
 
@@ -211,7 +228,9 @@ mod tests {
         assert_eq!(negotiate(None), Format::Text);
         assert_eq!(negotiate(Some("text/plain")), Format::Text);
         assert_eq!(
-            negotiate(Some("application/openmetrics-text; version=1.0.0; charset=utf-8")),
+            negotiate(Some(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            )),
             Format::OpenMetrics
         );
         // Prometheus 3's default scrape protocols header.
@@ -221,11 +240,19 @@ mod tests {
         );
         // Prometheus configured for text first.
         assert_eq!(
-            negotiate(Some("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;version=1.0.0;q=0.5")),
+            negotiate(Some(
+                "text/plain;version=0.0.4;q=0.9,application/openmetrics-text;version=1.0.0;q=0.5"
+            )),
             Format::Text
         );
-        assert_eq!(negotiate(Some("application/openmetrics-text;q=0")), Format::Text);
-        assert_eq!(negotiate(Some("application/openmetrics-text;version=2.0.0")), Format::Text);
+        assert_eq!(
+            negotiate(Some("application/openmetrics-text;q=0")),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate(Some("application/openmetrics-text;version=2.0.0")),
+            Format::Text
+        );
         assert_eq!(negotiate(Some("application/json")), Format::Text);
     }
 

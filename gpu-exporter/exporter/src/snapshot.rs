@@ -233,7 +233,12 @@ impl SnapshotBuilder {
         }
     }
 
-    fn owners_for(&self, key: &str, allocations: Option<&Allocations>, pods: Option<&PodIndex>) -> Vec<Owner> {
+    fn owners_for(
+        &self,
+        key: &str,
+        allocations: Option<&Allocations>,
+        pods: Option<&PodIndex>,
+    ) -> Vec<Owner> {
         let owners: Vec<Owner> = allocations
             .and_then(|a| a.by_device.get(key))
             .map(|refs| refs.iter().map(|c| self.owner_for(c, pods)).collect())
@@ -496,7 +501,11 @@ impl SnapshotBuilder {
                 .map(|m| {
                     let mut owners = self.owners_for(&m.uuid, allocations.as_ref(), pods_ref);
                     if let (false, Some(gi)) = (owners[0].is_attributed(), m.gpu_instance_id) {
-                        owners = self.owners_for(&legacy_mig_key(&uuid, gi), allocations.as_ref(), pods_ref);
+                        owners = self.owners_for(
+                            &legacy_mig_key(&uuid, gi),
+                            allocations.as_ref(),
+                            pods_ref,
+                        );
                     }
                     MigEntry {
                         reading: m.clone(),
@@ -506,7 +515,8 @@ impl SnapshotBuilder {
                 .collect();
             if let Some(resolver) = resolver {
                 for process in &device.processes {
-                    let owner = self.process_owner(process.pid, resolver, pods_ref, &mut resolver_failure);
+                    let owner =
+                        self.process_owner(process.pid, resolver, pods_ref, &mut resolver_failure);
                     let slot = memory
                         .entry((device.identity.index, uuid.clone(), owner))
                         .or_default();
@@ -551,13 +561,15 @@ impl SnapshotBuilder {
             gpus,
             container_memory: memory
                 .into_iter()
-                .map(|((gpu_index, gpu_uuid, owner), (used_bytes, processes))| ContainerMemory {
-                    gpu_index,
-                    gpu_uuid,
-                    owner,
-                    used_bytes,
-                    processes,
-                })
+                .map(
+                    |((gpu_index, gpu_uuid, owner), (used_bytes, processes))| ContainerMemory {
+                        gpu_index,
+                        gpu_uuid,
+                        owner,
+                        used_bytes,
+                        processes,
+                    },
+                )
                 .collect(),
             xid: self
                 .xid
@@ -573,12 +585,14 @@ impl SnapshotBuilder {
             allocation_failures: self
                 .failures
                 .iter()
-                .map(|((resource, reason, workload), count)| AllocationFailureCount {
-                    resource: resource.clone(),
-                    reason,
-                    workload: workload.clone(),
-                    count: *count,
-                })
+                .map(
+                    |((resource, reason, workload), count)| AllocationFailureCount {
+                        resource: resource.clone(),
+                        reason,
+                        workload: workload.clone(),
+                        count: *count,
+                    },
+                )
                 .collect(),
             devices_allocatable: self.allocatable.clone(),
             devices_allocated: allocations.map(|a| a.allocated).unwrap_or_default(),
@@ -676,7 +690,10 @@ mod tests {
     fn pod(ns: &str, name: &str, uid: &str, model: &str) -> NodePod {
         let mut labels = BTreeMap::new();
         labels.insert("workload.k8sllm.io/model".to_string(), model.to_string());
-        labels.insert("workload.k8sllm.io/team".to_string(), "platform-ai".to_string());
+        labels.insert(
+            "workload.k8sllm.io/team".to_string(),
+            "platform-ai".to_string(),
+        );
         NodePod {
             info: PodInfo {
                 namespace: ns.into(),
@@ -779,7 +796,13 @@ mod tests {
         let mut b = builder();
         let snap = b.build(input(
             reading(vec![device(0, G0)]),
-            Some(list(&[("llm", "ghost", "c", "nvidia.com/gpu", &format!("{G0}::1"))])),
+            Some(list(&[(
+                "llm",
+                "ghost",
+                "c",
+                "nvidia.com/gpu",
+                &format!("{G0}::1"),
+            )])),
             None,
             Instant::now(),
         ));
@@ -791,7 +814,12 @@ mod tests {
     fn a_gpu_that_vanishes_is_reported_down_and_others_stay() {
         let mut b = builder();
         let now = Instant::now();
-        b.build(input(reading(vec![device(0, G0), device(1, G1)]), None, None, now));
+        b.build(input(
+            reading(vec![device(0, G0), device(1, G1)]),
+            None,
+            None,
+            now,
+        ));
         // GPU 1 is lost (handle call failed); GPU 0 still reads.
         let mut second = reading(vec![device(0, G0)]);
         second.errors.push(CallError {
@@ -823,7 +851,10 @@ mod tests {
         ));
         assert!(snap.gpus.is_empty());
         assert!(!snap.collectors[&Collector::Nvml].success);
-        assert_eq!(snap.errors[&(Collector::Nvml, ErrorKind::LibraryNotFound)], 1);
+        assert_eq!(
+            snap.errors[&(Collector::Nvml, ErrorKind::LibraryNotFound)],
+            1
+        );
         assert_eq!(snap.collections_total, 1);
     }
 
@@ -835,10 +866,22 @@ mod tests {
         let pods = || Some(vec![pod("llm", "vllm-0", "uid-0", "mistral-7b")]);
         let mut r = reading(vec![device(0, G0), device(1, G1)]);
         r.xid_events = vec![
-            XidEvent { gpu_uuid: G0.into(), xid: Some(79) },
-            XidEvent { gpu_uuid: G0.into(), xid: Some(79) },
-            XidEvent { gpu_uuid: G0.into(), xid: Some(48) },
-            XidEvent { gpu_uuid: G1.into(), xid: None },
+            XidEvent {
+                gpu_uuid: G0.into(),
+                xid: Some(79),
+            },
+            XidEvent {
+                gpu_uuid: G0.into(),
+                xid: Some(79),
+            },
+            XidEvent {
+                gpu_uuid: G0.into(),
+                xid: Some(48),
+            },
+            XidEvent {
+                gpu_uuid: G1.into(),
+                xid: None,
+            },
         ];
         let snap = b.build(input(r, alloc(), pods(), t0));
         let find = |snap: &Snapshot, uuid: &str, xid: &str| {
@@ -852,9 +895,19 @@ mod tests {
         assert_eq!(find(&snap, G1, "unknown"), Some((1, String::new())));
         assert_eq!(snap.gpus[0].last_xid, Some(48));
         // Pod gone: kept within retention, dropped after.
-        let snap = b.build(input(reading(vec![device(0, G0), device(1, G1)]), None, Some(vec![]), t0 + Duration::from_secs(60)));
+        let snap = b.build(input(
+            reading(vec![device(0, G0), device(1, G1)]),
+            None,
+            Some(vec![]),
+            t0 + Duration::from_secs(60),
+        ));
         assert_eq!(find(&snap, G0, "79"), Some((2, "vllm-0".into())));
-        let snap = b.build(input(reading(vec![device(0, G0), device(1, G1)]), None, Some(vec![]), t0 + Duration::from_secs(700)));
+        let snap = b.build(input(
+            reading(vec![device(0, G0), device(1, G1)]),
+            None,
+            Some(vec![]),
+            t0 + Duration::from_secs(700),
+        ));
         assert_eq!(find(&snap, G0, "79"), None);
         assert_eq!(find(&snap, G1, "unknown"), Some((1, String::new())));
     }
@@ -903,16 +956,36 @@ mod tests {
         let mut b = builder();
         let mut d0 = device(0, G0);
         d0.processes = vec![
-            ProcessReading { pid: 10, used_memory_bytes: Some(1000), gpu_instance_id: None },
-            ProcessReading { pid: 11, used_memory_bytes: Some(500), gpu_instance_id: None },
-            ProcessReading { pid: 12, used_memory_bytes: None, gpu_instance_id: None },
-            ProcessReading { pid: 99, used_memory_bytes: Some(7), gpu_instance_id: None },
+            ProcessReading {
+                pid: 10,
+                used_memory_bytes: Some(1000),
+                gpu_instance_id: None,
+            },
+            ProcessReading {
+                pid: 11,
+                used_memory_bytes: Some(500),
+                gpu_instance_id: None,
+            },
+            ProcessReading {
+                pid: 12,
+                used_memory_bytes: None,
+                gpu_instance_id: None,
+            },
+            ProcessReading {
+                pid: 99,
+                used_memory_bytes: Some(7),
+                gpu_instance_id: None,
+            },
         ];
         let owner = ProcessOwner {
             pod_uid: "uid-0".into(),
             container_id: Some("c0ffee000000".into()),
         };
-        let resolver = FakeResolver(HashMap::from([(10, owner.clone()), (11, owner.clone()), (12, owner)]));
+        let resolver = FakeResolver(HashMap::from([
+            (10, owner.clone()),
+            (11, owner.clone()),
+            (12, owner),
+        ]));
         let mut inp = input(
             reading(vec![d0]),
             None,
@@ -921,13 +994,24 @@ mod tests {
         );
         inp.resolver = Some(&resolver);
         let snap = b.build(inp);
-        let attributed: Vec<_> = snap.container_memory.iter().filter(|m| m.owner.is_attributed()).collect();
+        let attributed: Vec<_> = snap
+            .container_memory
+            .iter()
+            .filter(|m| m.owner.is_attributed())
+            .collect();
         assert_eq!(attributed.len(), 1);
         assert_eq!(attributed[0].owner.container, "server");
         assert_eq!(attributed[0].used_bytes, 1500);
         assert_eq!(attributed[0].processes, 3);
-        assert_eq!(attributed[0].owner.workload.get("model"), Some("mistral-7b"));
-        let other: Vec<_> = snap.container_memory.iter().filter(|m| !m.owner.is_attributed()).collect();
+        assert_eq!(
+            attributed[0].owner.workload.get("model"),
+            Some("mistral-7b")
+        );
+        let other: Vec<_> = snap
+            .container_memory
+            .iter()
+            .filter(|m| !m.owner.is_attributed())
+            .collect();
         assert_eq!(other[0].used_bytes, 7);
         assert!(snap.collectors[&Collector::ProcessCgroups].success);
     }
@@ -953,7 +1037,14 @@ mod tests {
         let counts: Vec<_> = snap
             .allocation_failures
             .iter()
-            .map(|f| (f.reason, f.resource.as_str(), f.count, f.workload.get("model").unwrap_or("")))
+            .map(|f| {
+                (
+                    f.reason,
+                    f.resource.as_str(),
+                    f.count,
+                    f.workload.get("model").unwrap_or(""),
+                )
+            })
             .collect();
         assert_eq!(
             counts,
@@ -969,8 +1060,16 @@ mod tests {
         let mut b = builder();
         let mut r = reading(vec![device(0, G0)]);
         r.errors = vec![
-            CallError { call: "nvmlDeviceGetPowerUsage", kind: ErrorKind::SymbolMissing, from_events: false },
-            CallError { call: "nvmlEventSetCreate", kind: ErrorKind::SymbolMissing, from_events: true },
+            CallError {
+                call: "nvmlDeviceGetPowerUsage",
+                kind: ErrorKind::SymbolMissing,
+                from_events: false,
+            },
+            CallError {
+                call: "nvmlEventSetCreate",
+                kind: ErrorKind::SymbolMissing,
+                from_events: true,
+            },
         ];
         r.xid_watch_healthy = Some(false);
         let mut inp = input(r.clone(), None, None, Instant::now());
@@ -978,8 +1077,14 @@ mod tests {
         b.build(inp);
         let snap = b.build(input(r, None, None, Instant::now()));
         assert_eq!(snap.errors[&(Collector::Nvml, ErrorKind::SymbolMissing)], 2);
-        assert_eq!(snap.errors[&(Collector::XidEvents, ErrorKind::SymbolMissing)], 2);
-        assert_eq!(snap.errors[&(Collector::PodResources, ErrorKind::NotFound)], 1);
+        assert_eq!(
+            snap.errors[&(Collector::XidEvents, ErrorKind::SymbolMissing)],
+            2
+        );
+        assert_eq!(
+            snap.errors[&(Collector::PodResources, ErrorKind::NotFound)],
+            1
+        );
         assert!(!snap.collectors[&Collector::XidEvents].success);
         assert!(snap.collectors[&Collector::Nvml].success);
     }

@@ -160,7 +160,9 @@ struct Loaded {
 static STATE: Mutex<Option<Loaded>> = Mutex::new(None);
 
 fn lock() -> MutexGuard<'static, Option<Loaded>> {
-    STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    STATE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn file_sig(path: &PathBuf) -> Option<FileSig> {
@@ -879,7 +881,11 @@ fn event_set_id(set: Handle) -> Result<usize, Ret> {
 }
 
 #[no_mangle]
-pub extern "C" fn nvmlDeviceRegisterEvents(device: Handle, event_types: c_ulonglong, set: Handle) -> Ret {
+pub extern "C" fn nvmlDeviceRegisterEvents(
+    device: Handle,
+    event_types: c_ulonglong,
+    set: Handle,
+) -> Ret {
     with_state(|state| {
         let id = event_set_id(set)?;
         let uuid = match resolve_handle(state, device)? {
@@ -890,7 +896,10 @@ pub extern "C" fn nvmlDeviceRegisterEvents(device: Handle, event_types: c_ulongl
             Target::Mig(..) => return Err(ERROR_NOT_SUPPORTED),
         };
         let already = state.delivered_anywhere.get(&uuid).copied().unwrap_or(0);
-        let entry = state.event_sets.get_mut(&id).ok_or(ERROR_INVALID_ARGUMENT)?;
+        let entry = state
+            .event_sets
+            .get_mut(&id)
+            .ok_or(ERROR_INVALID_ARGUMENT)?;
         if event_types & EVENT_XID != 0 && !entry.xid_gpus.contains(&uuid) {
             entry.delivered.insert(uuid.clone(), already);
             entry.xid_gpus.push(uuid);
@@ -902,8 +911,17 @@ pub extern "C" fn nvmlDeviceRegisterEvents(device: Handle, event_types: c_ulongl
 /// The next undelivered, due XID event of a set: (GPU position, xid).
 fn next_event(state: &mut Loaded, id: usize) -> Result<Option<(usize, u64)>, Ret> {
     let elapsed = state.elapsed_s();
-    let set = state.event_sets.get_mut(&id).ok_or(ERROR_INVALID_ARGUMENT)?;
-    for (position, gpu) in state.scenario.gpus.iter().filter(|g| !g.removed).enumerate() {
+    let set = state
+        .event_sets
+        .get_mut(&id)
+        .ok_or(ERROR_INVALID_ARGUMENT)?;
+    for (position, gpu) in state
+        .scenario
+        .gpus
+        .iter()
+        .filter(|g| !g.removed)
+        .enumerate()
+    {
         if !set.xid_gpus.contains(&gpu.uuid) {
             continue;
         }
@@ -911,7 +929,10 @@ fn next_event(state: &mut Loaded, id: usize) -> Result<Option<(usize, u64)>, Ret
         if let Some(event) = gpu.xid_events.get(*done) {
             if event.after_s <= elapsed {
                 *done += 1;
-                let global = state.delivered_anywhere.entry(gpu.uuid.clone()).or_insert(0);
+                let global = state
+                    .delivered_anywhere
+                    .entry(gpu.uuid.clone())
+                    .or_insert(0);
                 *global = (*global).max(*done);
                 return Ok(Some((position, event.xid)));
             }
@@ -921,7 +942,11 @@ fn next_event(state: &mut Loaded, id: usize) -> Result<Option<(usize, u64)>, Ret
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmlEventSetWait_v2(set: Handle, data: *mut EventData, timeout_ms: c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    set: Handle,
+    data: *mut EventData,
+    timeout_ms: c_uint,
+) -> Ret {
     if data.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }

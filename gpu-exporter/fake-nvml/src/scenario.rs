@@ -265,7 +265,9 @@ pub fn resolve(raw: &Value, elapsed_s: f64) -> Result<(Scenario, usize), Scenari
             .and_then(Value::as_array_mut)
             .and_then(|gpus| gpus.get_mut(step.gpu))
             .and_then(Value::as_object_mut)
-            .ok_or(ScenarioError::Shape("timeline step names a GPU that does not exist"))?;
+            .ok_or(ScenarioError::Shape(
+                "timeline step names a GPU that does not exist",
+            ))?;
         for (key, value) in &step.set {
             gpu.insert(key.clone(), value.clone());
         }

@@ -162,7 +162,8 @@ pub fn mig_profile_from_name(name: &str) -> String {
         .filter(|p| {
             !p.is_empty()
                 && p.len() <= 32
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '+')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '+')
         })
         .unwrap_or("")
         .to_string()

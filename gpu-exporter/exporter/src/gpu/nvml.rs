@@ -243,7 +243,11 @@ struct Calls<'a> {
 impl Calls<'_> {
     /// The value of a call, or `None` after recording why not. After a
     /// GPU_IS_LOST no further call is made on the device.
-    fn get<T>(&mut self, call: &'static str, f: impl FnOnce() -> Result<T, NvmlError>) -> Option<T> {
+    fn get<T>(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce() -> Result<T, NvmlError>,
+    ) -> Option<T> {
         if self.lost {
             return None;
         }
@@ -359,7 +363,12 @@ impl NvmlSource {
         }
     }
 
-    fn identity(device: &Device<'_>, index: u32, uuid: String, errors: &mut Vec<CallError>) -> DeviceIdentity {
+    fn identity(
+        device: &Device<'_>,
+        index: u32,
+        uuid: String,
+        errors: &mut Vec<CallError>,
+    ) -> DeviceIdentity {
         let mut calls = Calls {
             errors,
             lost: false,
@@ -367,8 +376,12 @@ impl NvmlSource {
         DeviceIdentity {
             index,
             uuid,
-            name: calls.get("nvmlDeviceGetName", || device.name()).unwrap_or_default(),
-            pci_bus_id: calls.get("nvmlDeviceGetPciInfo", || device.pci_info().map(|p| p.bus_id)),
+            name: calls
+                .get("nvmlDeviceGetName", || device.name())
+                .unwrap_or_default(),
+            pci_bus_id: calls.get("nvmlDeviceGetPciInfo", || {
+                device.pci_info().map(|p| p.bus_id)
+            }),
             serial: calls.get("nvmlDeviceGetSerial", || device.serial()),
             minor_number: calls.get("nvmlDeviceGetMinorNumber", || device.minor_number()),
         }
@@ -527,14 +540,26 @@ fn read_values(
         errors,
         lost: false,
     };
-    let utilization = c.get("nvmlDeviceGetUtilizationRates", || device.utilization_rates());
-    let memory_info = c.get("nvmlDeviceGetMemoryInfo_v2", || device.memory_info().map(memory));
-    let temperature = c.get("nvmlDeviceGetTemperature", || device.temperature(TemperatureSensor::Gpu));
+    let utilization = c.get("nvmlDeviceGetUtilizationRates", || {
+        device.utilization_rates()
+    });
+    let memory_info = c.get("nvmlDeviceGetMemoryInfo_v2", || {
+        device.memory_info().map(memory)
+    });
+    let temperature = c.get("nvmlDeviceGetTemperature", || {
+        device.temperature(TemperatureSensor::Gpu)
+    });
     let power = c.get("nvmlDeviceGetPowerUsage", || device.power_usage());
-    let power_limit = c.get("nvmlDeviceGetEnforcedPowerLimit", || device.enforced_power_limit());
-    let energy = c.get("nvmlDeviceGetTotalEnergyConsumption", || device.total_energy_consumption());
+    let power_limit = c.get("nvmlDeviceGetEnforcedPowerLimit", || {
+        device.enforced_power_limit()
+    });
+    let energy = c.get("nvmlDeviceGetTotalEnergyConsumption", || {
+        device.total_energy_consumption()
+    });
     let sm_clock = c.get("nvmlDeviceGetClockInfo", || device.clock_info(Clock::SM));
-    let mem_clock = c.get("nvmlDeviceGetClockInfo", || device.clock_info(Clock::Memory));
+    let mem_clock = c.get("nvmlDeviceGetClockInfo", || {
+        device.clock_info(Clock::Memory)
+    });
     let throttle = c.get("nvmlDeviceGetCurrentClocksThrottleReasons", || {
         device.current_throttle_reasons().map(|r| r.bits())
     });
@@ -544,9 +569,13 @@ fn read_values(
     let ecc_uncorrected = c.get("nvmlDeviceGetTotalEccErrors", || {
         device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
     });
-    let pcie_replays = c.get("nvmlDeviceGetPcieReplayCounter", || device.pcie_replay_counter());
+    let pcie_replays = c.get("nvmlDeviceGetPcieReplayCounter", || {
+        device.pcie_replay_counter()
+    });
     let processes = c
-        .get("nvmlDeviceGetComputeRunningProcesses_v3", || device.running_compute_processes())
+        .get("nvmlDeviceGetComputeRunningProcesses_v3", || {
+            device.running_compute_processes()
+        })
         .unwrap_or_default()
         .into_iter()
         .map(|p| ProcessReading {
@@ -558,7 +587,9 @@ fn read_values(
             gpu_instance_id: p.gpu_instance_id,
         })
         .collect();
-    let mig_enabled = c.get("nvmlDeviceGetMigMode", || device.mig_mode().map(|m| m.current == 1));
+    let mig_enabled = c.get("nvmlDeviceGetMigMode", || {
+        device.mig_mode().map(|m| m.current == 1)
+    });
     let mig = if mig_enabled == Some(true) {
         read_mig(nvml, device, &mut c)
     } else {
@@ -587,26 +618,36 @@ fn read_values(
 }
 
 fn read_mig(nvml: &Nvml, device: &Device<'_>, c: &mut Calls<'_>) -> Vec<MigReading> {
-    let Some(slots) = c.get("nvmlDeviceGetMaxMigDeviceCount", || device.mig_device_count()) else {
+    let Some(slots) = c.get("nvmlDeviceGetMaxMigDeviceCount", || {
+        device.mig_device_count()
+    }) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for slot in 0..slots {
-        let Some(mig) = c.get("nvmlDeviceGetMigDeviceHandleByIndex", || device.mig_device_by_index(slot)) else {
+        let Some(mig) = c.get("nvmlDeviceGetMigDeviceHandleByIndex", || {
+            device.mig_device_by_index(slot)
+        }) else {
             continue;
         };
         let Some(uuid) = c.get("nvmlDeviceGetUUID", || mig.uuid()) else {
             continue;
         };
-        let name = c.get("nvmlDeviceGetName", || mig.name()).unwrap_or_default();
+        let name = c
+            .get("nvmlDeviceGetName", || mig.name())
+            .unwrap_or_default();
         out.push(MigReading {
             uuid,
-            gpu_instance_id: c.get("nvmlDeviceGetGpuInstanceId", || instance_id(nvml, &mig, InstanceKind::Gpu)),
+            gpu_instance_id: c.get("nvmlDeviceGetGpuInstanceId", || {
+                instance_id(nvml, &mig, InstanceKind::Gpu)
+            }),
             compute_instance_id: c.get("nvmlDeviceGetComputeInstanceId", || {
                 instance_id(nvml, &mig, InstanceKind::Compute)
             }),
             profile: mig_profile_from_name(&name),
-            memory: c.get("nvmlDeviceGetMemoryInfo_v2", || mig.memory_info().map(memory)),
+            memory: c.get("nvmlDeviceGetMemoryInfo_v2", || {
+                mig.memory_info().map(memory)
+            }),
         });
     }
     out
@@ -676,7 +717,10 @@ mod tests {
         match reading.nvml {
             NvmlStatus::Down { kind, message } => {
                 assert_eq!(kind, ErrorKind::LibraryNotFound);
-                assert!(message.contains("/nonexistent/libnvidia-ml.so.1"), "{message}");
+                assert!(
+                    message.contains("/nonexistent/libnvidia-ml.so.1"),
+                    "{message}"
+                );
             }
             other => panic!("expected NVML down, got {other:?}"),
         }
