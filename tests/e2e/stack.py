@@ -120,6 +120,20 @@ class Envoy:
                 return int(s["value"])
         return None
 
+    def access_log_entries(self, at_least: int, timeout: float = 10.0) -> list[dict]:
+        """JSON access-log entries, once at least `at_least` were written
+        (Envoy flushes access logs on a timer)."""
+
+        def read():
+            try:
+                lines = self.access_log.read_text().splitlines()
+            except FileNotFoundError:
+                return None
+            entries = [json.loads(l) for l in lines if l.strip()]
+            return entries if len(entries) >= at_least else None
+
+        return wait_until(read, timeout=timeout, what=f"{at_least} access-log entries")
+
     def flush_wait(self) -> None:
         """Histograms appear after a stats flush (1 s in tests); wait two."""
         import time

@@ -221,6 +221,8 @@ pub struct TracingConfig {
     /// Ratio of new traces (no incoming `traceparent`) that are sampled.
     pub sample_ratio: f64,
     pub service_name: String,
+    /// `gen_ai.provider.name` on spans.
+    pub provider_name: String,
     /// Inject `traceparent` upstream so runtime spans become children.
     pub inject_traceparent: bool,
     pub max_queue_spans: u32,
@@ -240,6 +242,7 @@ impl Default for TracingConfig {
             path: "/v1/traces".into(),
             sample_ratio: 1.0,
             service_name: "tokentap-gateway".into(),
+            provider_name: "vllm".into(),
             inject_traceparent: true,
             max_queue_spans: 2048,
             max_queue_bytes: 1024 * 1024,
@@ -583,6 +586,9 @@ impl Config {
                 if t.service_name.trim().is_empty() {
                     return Err(field_err("tracing.service_name", "must not be empty"));
                 }
+                if t.provider_name.trim().is_empty() {
+                    return Err(field_err("tracing.provider_name", "must not be empty"));
+                }
                 check_range("tracing.max_queue_spans", t.max_queue_spans, 1, 1_000_000)?;
                 check_range(
                     "tracing.max_queue_bytes",
@@ -639,6 +645,11 @@ impl Config {
     /// Matching ignores the query string and accepts a prefix before the
     /// configured path (`/tenant-a/v1/chat/completions`).
     pub fn operation_for_path(&self, path: &[u8]) -> Option<Operation> {
+        self.match_path(path).map(|(_, op)| op)
+    }
+
+    /// The configured path that matches and its operation.
+    pub fn match_path(&self, path: &[u8]) -> Option<(&str, Operation)> {
         let path = match path.iter().position(|&b| b == b'?' || b == b'#') {
             Some(i) => &path[..i],
             None => path,
@@ -646,7 +657,7 @@ impl Config {
         self.llm_paths
             .iter()
             .find(|(p, _)| path.ends_with(p.as_bytes()))
-            .map(|(_, op)| *op)
+            .map(|(p, op)| (p.as_str(), *op))
     }
 
     /// The workload attributes for a route and backend: route entry first,

@@ -407,8 +407,9 @@ mod tests {
     }
 
     /// An in-memory store with proxy-wasm's CAS semantics, shared by "VMs".
+    type Entries = HashMap<String, (Vec<u8>, u32)>;
     #[derive(Clone, Default)]
-    struct MemStore(Rc<RefCell<(HashMap<String, (Vec<u8>, u32)>, u32)>>);
+    struct MemStore(Rc<RefCell<(Entries, u32)>>);
 
     impl SharedStore for MemStore {
         fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {

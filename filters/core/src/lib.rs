@@ -16,3 +16,4 @@ pub mod request;
 pub mod sse;
 pub mod state;
 pub mod trace;
+pub mod tracer;

@@ -150,6 +150,14 @@ pub struct RequestRecord {
     pub tenant: Option<Vec<u8>>,
     /// Model named by the request, else the configured default.
     pub request_model: Option<String>,
+    /// Model named by the request body, as sent (sanitised), if any.
+    pub request_model_sent: Option<String>,
+    /// The configured LLM path that matched (low cardinality).
+    pub matched_path: String,
+    /// `:path` without the query string, cut at 256 bytes.
+    pub url_path: Option<String>,
+    /// Host part of `:authority`.
+    pub server_address: Option<String>,
     /// Model named by the response.
     pub response_model: Option<String>,
     pub route_class: Option<String>,
@@ -240,6 +248,9 @@ enum ResponseReader {
 /// [`RequestObserver::start`] (which returns `None` for non-LLM paths).
 pub struct RequestObserver {
     operation: Operation,
+    matched_path: String,
+    url_path: Option<String>,
+    server_address: Option<String>,
     method: Option<String>,
     start_ns: u64,
     route_name: Option<Vec<u8>>,
@@ -267,7 +278,21 @@ impl RequestObserver {
     /// Starts observing if the request is LLM traffic.
     pub fn start(config: &Config, view: &dyn HttpView, now_ns: u64) -> Option<Self> {
         let path = view.request_header(":path")?;
-        let operation = config.operation_for_path(&path)?;
+        let (matched_path, operation) = config.match_path(&path)?;
+        let url_path = {
+            let end = path
+                .iter()
+                .position(|&b| b == b'?' || b == b'#')
+                .unwrap_or(path.len());
+            Some(String::from_utf8_lossy(&path[..end.min(256)]).into_owned())
+        };
+        let server_address = view.request_header(":authority").and_then(|a| {
+            let host = match a.iter().rposition(|&b| b == b':') {
+                Some(i) if !a.starts_with(b"[") || a[..i].ends_with(b"]") => &a[..i],
+                _ => &a[..],
+            };
+            sanitize(host, 253)
+        });
         let method = view
             .request_header(":method")
             .and_then(|m| sanitize(&m, 16));
@@ -294,6 +319,9 @@ impl RequestObserver {
             && method.as_deref() == Some("POST");
         Some(Self {
             operation,
+            matched_path: matched_path.to_string(),
+            url_path,
+            server_address,
             method,
             start_ns: now_ns,
             route_name: view.property(&["xds", "route_name"]),
@@ -589,7 +617,8 @@ impl RequestObserver {
             .as_deref()
             .and_then(|c| std::str::from_utf8(c).ok());
         let workload = config.workload_for(route_str, cluster_str);
-        let request_model = self.request_facts.model.clone().or(workload.model);
+        let request_model_sent = self.request_facts.model.clone();
+        let request_model = request_model_sent.clone().or(workload.model);
 
         RequestRecord {
             operation: self.operation,
@@ -604,6 +633,10 @@ impl RequestObserver {
             cluster_name,
             tenant: self.tenant.clone(),
             request_model,
+            request_model_sent,
+            matched_path: self.matched_path.clone(),
+            url_path: self.url_path.clone(),
+            server_address: self.server_address.clone(),
             response_model,
             route_class: workload.route_class,
             team: workload.team,

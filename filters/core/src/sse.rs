@@ -414,8 +414,8 @@ mod tests {
     #[test]
     fn done_must_be_the_whole_data() {
         let e = run(&[b"data: [DONE] x\n\ndata:[DONE]\n\n"]);
-        assert_eq!(e.events[0].2, false);
-        assert_eq!(e.events[1].2, true);
+        assert!(!e.events[0].2);
+        assert!(e.events[1].2);
     }
 
     #[test]

@@ -31,7 +31,6 @@ pub enum Buffer {
     RequestBody = 0,
     ResponseBody = 1,
     HttpCallResponseBody = 4,
-    VmConfiguration = 6,
     PluginConfiguration = 7,
 }
 
@@ -39,10 +38,8 @@ pub enum Buffer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u32)]
 pub enum Level {
-    Debug = 1,
     Info = 2,
     Warn = 3,
-    Error = 4,
     Critical = 5,
 }
 

@@ -15,13 +15,18 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use tokentap_core::config::Config;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokentap_core::config::{Config, TracingConfig};
+use tokentap_core::host::Clock;
 use tokentap_core::labels::{Dimension, SharedAdmission};
-use tokentap_core::metrics::{Labeler, MetricsRecorder, RequestLabels};
+use tokentap_core::metrics::{Family, Labeler, MetricsRecorder, RequestLabels};
 use tokentap_core::request::{RequestObserver, RequestRecord};
+use tokentap_core::trace::{BatchId, ExportResult, ResourceBuilder, SpanStart};
+use tokentap_core::tracer::Tracer;
 
 use crate::envoy::{Buffer, EnvoyClock, EnvoySharedData, EnvoyStats, EnvoyView, Level};
-use tokentap_core::host::Clock;
 
 /// Version reported in logs and span resources.
 pub const PLUGIN_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -31,7 +36,7 @@ proxy_wasm::main! {{
         envoy::log(Level::Critical, &format!("tokentap: panic: {info}"));
     }));
     proxy_wasm::set_root_context(|_context_id| -> Box<dyn RootContext> {
-        Box::new(Root { shared: None })
+        Box::new(Root { shared: None, pending_exports: HashMap::new(), published_queue: 0 })
     });
 }}
 
@@ -40,6 +45,7 @@ struct Shared {
     config: Config,
     labeler: Labeler,
     recorder: MetricsRecorder<EnvoyStats>,
+    tracer: Option<Tracer>,
     /// Kinds of bad input already logged once.
     logged: u32,
 }
@@ -59,12 +65,207 @@ const LOG_SSE: u32 = 1 << 2;
 const LOG_COMPRESSED: u32 = 1 << 3;
 const LOG_HOST_ERRORS: u32 = 1 << 4;
 const LOG_RAG: u32 = 1 << 5;
+const LOG_EXPORT: u32 = 1 << 6;
+const LOG_QUEUE_FULL: u32 = 1 << 7;
+
+/// How often each VM looks for spans to export. VMs with an empty queue do
+/// nothing on a tick, so only workers that hold spans send anything.
+const TICK_MS: u64 = 100;
 
 struct Root {
     shared: Option<Rc<RefCell<Shared>>>,
+    /// In-flight exports: `dispatch_http_call` token -> batch.
+    pending_exports: HashMap<u32, BatchId>,
+    /// Queue length last added to the shared queue gauge by this VM.
+    published_queue: u64,
 }
 
-impl Context for Root {}
+/// Seed for span/trace ids: WASI randomness, mixed with the clock.
+fn random_seed() -> u64 {
+    wasi_random() ^ EnvoyClock.now_nanos().rotate_left(17)
+}
+
+#[cfg(target_arch = "wasm32")]
+fn wasi_random() -> u64 {
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    extern "C" {
+        fn random_get(buf: *mut u8, len: usize) -> u16;
+    }
+    let mut buf = [0u8; 8];
+    // SAFETY: `buf` is a live 8-byte buffer; WASI fills it or leaves it zero.
+    #[allow(unsafe_code)]
+    unsafe {
+        random_get(buf.as_mut_ptr(), buf.len());
+    }
+    u64::from_le_bytes(buf)
+}
+
+/// Host builds (unit tests, clippy) have no WASI; the clock alone seeds.
+#[cfg(not(target_arch = "wasm32"))]
+fn wasi_random() -> u64 {
+    0
+}
+
+/// Resource attributes: `vmConfig.env` variables, Envoy node metadata (Istio
+/// puts NAME/NAMESPACE there), then the configuration's own entries.
+fn resource_for(cfg: &TracingConfig) -> tokentap_core::trace::Resource {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let mut node: Vec<(&'static str, String)> = Vec::new();
+    for key in [
+        "NAME",
+        "NAMESPACE",
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "NODE_NAME",
+        "CLUSTER_NAME",
+    ] {
+        if let Some(v) = envoy::get_property(&["node", "metadata", key]) {
+            if let Ok(v) = String::from_utf8(v) {
+                node.push((key, v));
+            }
+        }
+    }
+    ResourceBuilder::new()
+        .service_name(&cfg.service_name)
+        .pairs(node.iter().map(|(k, v)| (*k, v.as_str())))
+        .pairs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .pairs(cfg.resource.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .build()
+}
+
+impl Root {
+    /// Sends every batch that is due, and publishes tracing counters.
+    fn export_due(&mut self, s: &mut Shared) {
+        let Some(tracer) = s.tracer.as_mut() else {
+            return;
+        };
+        let now_ms = EnvoyClock.now_nanos() / 1_000_000;
+        let target = tracer.target().clone();
+        while let Some((id, body)) = tracer.next_export(now_ms) {
+            let headers = vec![
+                (":method", "POST"),
+                (":path", target.path.as_str()),
+                (":authority", target.authority.as_str()),
+                ("content-type", "application/x-protobuf"),
+            ];
+            match proxy_wasm::hostcalls::dispatch_http_call(
+                &target.cluster,
+                headers,
+                Some(&body),
+                vec![],
+                Duration::from_millis(u64::from(target.timeout_ms)),
+            ) {
+                Ok(token) => {
+                    self.pending_exports.insert(token, id);
+                }
+                Err(status) => {
+                    tracer.on_export_result(id, ExportResult::DispatchFailed);
+                    let cluster = target.cluster.clone();
+                    if s.logged & LOG_EXPORT == 0 {
+                        s.logged |= LOG_EXPORT;
+                        envoy::log(
+                            Level::Warn,
+                            &format!("tokentap: cannot send spans to cluster `{cluster}` ({status:?}); spans are dropped and counted in llm_gateway_spans_dropped_total{{reason=\"dispatch_failed\"}} (logged once)"),
+                        );
+                    }
+                }
+            }
+        }
+        self.publish_tracing(s);
+    }
+
+    fn publish_tracing(&mut self, s: &mut Shared) {
+        let Some(tracer) = s.tracer.as_mut() else {
+            return;
+        };
+        let d = tracer.take_deltas();
+        let r = &mut s.recorder;
+        if d.spans_exported > 0 {
+            r.add_plain(Family::SpansExported, d.spans_exported as i64);
+        }
+        for (id, reason, n) in [
+            (0u16, "queue_full", d.dropped_queue_full),
+            (1, "too_large", d.dropped_too_large),
+            (2, "export_failed", d.dropped_export_failed),
+            (3, "dispatch_failed", d.dropped_dispatch_failed),
+            (4, "rejected", d.rejected),
+        ] {
+            if n > 0 {
+                r.add_tagged(Family::SpansDropped, id, reason, n as i64);
+            }
+        }
+        for (id, result, n) in [
+            (0u16, "ok", d.exports_ok),
+            (1, "http_error", d.exports_http_error),
+            (2, "failed", d.exports_failed),
+        ] {
+            if n > 0 {
+                r.add_tagged(Family::SpanExports, id, result, n as i64);
+            }
+        }
+        // The gauge is shared by all VMs: add this VM's change only.
+        let delta = d.queue_len as i64 - self.published_queue as i64;
+        if delta != 0 {
+            r.add_plain(Family::SpanQueue, delta);
+            self.published_queue = d.queue_len;
+        }
+        if d.dropped_queue_full > 0 && s.logged & LOG_QUEUE_FULL == 0 {
+            s.logged |= LOG_QUEUE_FULL;
+            envoy::log(
+                Level::Warn,
+                "tokentap: span queue full (collector slow or down); spans are dropped and counted in llm_gateway_spans_dropped_total{reason=\"queue_full\"} (logged once)",
+            );
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(id) = self.pending_exports.remove(&token_id) else {
+            return;
+        };
+        let status = if num_headers == 0 {
+            None
+        } else {
+            envoy::http_call_response_header(":status")
+                .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u16>().ok())
+        };
+        let result = match status {
+            None => ExportResult::Failed,
+            Some(code) if (200..300).contains(&code) => {
+                let rejected = if body_size > 0 {
+                    envoy::get_buffer(Buffer::HttpCallResponseBody, 0, body_size)
+                        .and_then(|b| tokentap_core::trace::otlp::rejected_spans(&b).ok())
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                if rejected > 0 {
+                    ExportResult::PartialSuccess {
+                        rejected_spans: rejected,
+                    }
+                } else {
+                    ExportResult::Ok
+                }
+            }
+            Some(code) => ExportResult::HttpStatus(code),
+        };
+        if let Some(shared) = self.shared.clone() {
+            let mut guard = shared.borrow_mut();
+            let s = &mut *guard;
+            if let Some(tracer) = s.tracer.as_mut() {
+                tracer.on_export_result(id, result);
+            }
+            self.publish_tracing(s);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
@@ -88,6 +289,22 @@ impl RootContext for Root {
         admission.initialise(&Dimension::ALL);
         let labeler = Labeler::new(&config, Box::new(admission));
         let recorder = MetricsRecorder::new(EnvoyStats, config.max_series_per_metric);
+        let tracer = match &config.tracing {
+            None => None,
+            Some(t) => match Tracer::new(t, random_seed(), resource_for(t)) {
+                Ok(tracer) => Some(tracer),
+                Err(e) => {
+                    envoy::log(
+                        Level::Critical,
+                        &format!("tokentap: refusing configuration: {e}"),
+                    );
+                    return false;
+                }
+            },
+        };
+        if tracer.is_some() {
+            envoy::set_tick_period_ms(TICK_MS as u32);
+        }
         envoy::log(
             Level::Info,
             &format!(
@@ -100,9 +317,17 @@ impl RootContext for Root {
             config,
             labeler,
             recorder,
+            tracer,
             logged: 0,
         })));
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(shared) = self.shared.clone() {
+            let mut guard = shared.borrow_mut();
+            self.export_due(&mut guard);
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -112,6 +337,7 @@ impl RootContext for Root {
             start_labels: None,
             buffering: false,
             state_published: false,
+            span: None,
         }))
     }
 
@@ -128,6 +354,8 @@ struct Request {
     start_labels: Option<RequestLabels>,
     buffering: bool,
     state_published: bool,
+    /// The gateway span's context, when tracing is on.
+    span: Option<SpanStart>,
 }
 
 impl Request {
@@ -180,6 +408,22 @@ impl HttpContext for Request {
         }
         s.recorder.active(&labels, &s.labeler, 1);
         self.start_labels = Some(labels);
+        if let Some(tracer) = s.tracer.as_mut() {
+            let start = tracer.start(&EnvoyView);
+            if tracer.injects() {
+                envoy::set_request_header("traceparent", &start.traceparent());
+                if let Some(ts) = start.tracestate() {
+                    envoy::set_request_header("tracestate", ts);
+                }
+            }
+            if s.config.filter_state {
+                let trace_id = start.context.trace_id.to_string();
+                let span_id = start.context.span_id.to_string();
+                envoy::set_property(&["tokentap.trace_id"], trace_id.as_bytes());
+                envoy::set_property(&["tokentap.span_id"], span_id.as_bytes());
+            }
+            self.span = Some(start);
+        }
         if observer.wants_request_buffering() {
             // The body may grow; Envoy recomputes framing without it.
             envoy::remove_request_header("content-length");
@@ -279,6 +523,9 @@ impl HttpContext for Request {
         s.recorder.record_request(&record, &labels, &s.labeler);
         if let Some(start) = self.start_labels.take() {
             s.recorder.active(&start, &s.labeler, -1);
+        }
+        if let (Some(tracer), Some(span)) = (s.tracer.as_mut(), self.span.take()) {
+            tracer.finish(&span, &record, &labels, &s.labeler);
         }
         log_problems(s, &record, &labels);
     }
