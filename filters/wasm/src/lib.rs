@@ -106,8 +106,9 @@ fn wasi_random() -> u64 {
     0
 }
 
-/// Resource attributes: `vmConfig.env` variables, Envoy node metadata (Istio
-/// puts NAME/NAMESPACE there), then the configuration's own entries.
+/// Resource attributes: Envoy node metadata (`xds.node.metadata`; Istio puts
+/// NAME/NAMESPACE there), then `vmConfig.env` variables, then the
+/// configuration's own entries.
 fn resource_for(cfg: &TracingConfig) -> tokentap_core::trace::Resource {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let mut node: Vec<(&'static str, String)> = Vec::new();
@@ -119,7 +120,7 @@ fn resource_for(cfg: &TracingConfig) -> tokentap_core::trace::Resource {
         "NODE_NAME",
         "CLUSTER_NAME",
     ] {
-        if let Some(v) = envoy::get_property(&["node", "metadata", key]) {
+        if let Some(v) = envoy::get_property(&["xds", "node", "metadata", key]) {
             if let Ok(v) = String::from_utf8(v) {
                 node.push((key, v));
             }

@@ -1,0 +1,6 @@
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tokentap_core_fuzz::{checks, run};
+
+fuzz_target!(|data: &[u8]| run(checks::check_request_body, data));

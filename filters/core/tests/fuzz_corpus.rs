@@ -1,0 +1,124 @@
+//! Replays the checked-in fuzz corpus (`filters/core/fuzz/corpus/<target>/`)
+//! through the same property checks the fuzz targets run, so every input the
+//! fuzzer found interesting stays a regression test on stable Rust, without
+//! libFuzzer.
+
+#[path = "../fuzz/src/checks.rs"]
+mod checks;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+fn corpus_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("corpus")
+}
+
+fn corpus_files(target: &str) -> Vec<PathBuf> {
+    let dir = corpus_root().join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("corpus directory {} unreadable: {e}", dir.display()))
+        .map(|entry| entry.expect("corpus entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs `check` on every file, collecting failures (a panic included).
+fn replay(target: &checks::Target) -> (usize, Vec<String>) {
+    let files = corpus_files(target.name);
+    let mut failures = Vec::new();
+    for file in &files {
+        let data = std::fs::read(file).expect("corpus file readable");
+        let outcome = catch_unwind(AssertUnwindSafe(|| (target.check)(&data)));
+        let problem = match outcome {
+            Ok(Ok(())) => continue,
+            Ok(Err(failure)) => failure,
+            Err(panic) => panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into()),
+        };
+        failures.push(format!("{}: {problem}", file.display()));
+    }
+    (files.len(), failures)
+}
+
+fn replay_target(name: &str) {
+    let target = checks::TARGETS
+        .iter()
+        .find(|t| t.name == name)
+        .expect("target registered in checks::TARGETS");
+    let (count, failures) = replay(target);
+    assert!(count > 0, "corpus for {name} is empty");
+    assert!(
+        failures.is_empty(),
+        "{} of {count} {name} corpus inputs fail:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn sse_stream_corpus() {
+    replay_target("sse_stream");
+}
+
+#[test]
+fn json_scan_corpus() {
+    replay_target("json_scan");
+}
+
+#[test]
+fn request_body_corpus() {
+    replay_target("request_body");
+}
+
+#[test]
+fn plugin_config_corpus() {
+    replay_target("plugin_config");
+}
+
+#[test]
+fn trace_context_corpus() {
+    replay_target("trace_context");
+}
+
+#[test]
+fn rag_headers_corpus() {
+    replay_target("rag_headers");
+}
+
+/// Every registered target has a corpus directory and every corpus
+/// directory a target, so a new target cannot ship without its replay.
+#[test]
+fn every_target_has_a_corpus_and_every_corpus_a_target() {
+    let mut dirs: Vec<String> = std::fs::read_dir(corpus_root())
+        .expect("corpus root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    let mut names: Vec<String> = checks::TARGETS.iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    assert_eq!(dirs, names);
+}
+
+/// The split-point header: count in the low 3 bits, u16 offsets modulo the
+/// payload length plus one, sorted.
+#[test]
+fn split_input_reads_the_header() {
+    let (cuts, payload) = checks::split_input(b"\x02\x01\x00\x09\x00abcd");
+    assert_eq!(payload, b"abcd");
+    assert_eq!(cuts, vec![1, 4]);
+    assert_eq!(
+        checks::chunks_at(payload, &cuts),
+        vec![&b"a"[..], &b"bcd"[..], &b""[..]]
+    );
+    let (cuts, payload) = checks::split_input(b"");
+    assert!(cuts.is_empty() && payload.is_empty());
+    // A count larger than the remaining bytes takes what is there.
+    let (cuts, payload) = checks::split_input(b"\x07\x05");
+    assert!(cuts.is_empty());
+    assert_eq!(payload, b"\x05");
+}
