@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""Gateway overhead benchmark: Envoy with vs without the tokentap filter.
+
+Both proxies are rendered from the shipped `envoy/tokentap.yaml` by
+`tests/e2e/stack.py` and differ only in the wasm filter (the baseline has it
+removed). They run side by side, `--concurrency 1`, in front of the same
+upstream, and `wrk` drives them in alternation (A B, B A, A B, ...), so drift
+on the shared machine weighs on both. Reported per scenario and connection
+count: median requests/s, p50/p99 latency, the with/without throughput ratio
+(median and min-max of the per-repetition ratios), the proxy's CPU time per
+request, Envoy RSS with and without the filter, and the .wasm size.
+
+Scenarios:
+  chat      non-streaming chat completion; the upstream is a second Envoy
+            answering with `direct_response` (JSON with usage)
+  sse       streaming chat completion, 64 SSE events per response, from
+            `gateway_sse_upstream` (each event its own write)
+  sse-otlp  as `sse`, with tracing on (sample_ratio 1.0), spans exported to a
+            local counting OTLP/HTTP sink
+  sse-paced as `sse`, with 250 µs before each event: Envoy then reads, and
+            the filter is called for, each event on its own
+
+Usage:
+  python bench/gateway.py --quick       # smoke check (~40 s): exits 0 and prints the table
+  python bench/gateway.py               # full run, about 5 minutes
+  python bench/gateway.py --profile     # adds filter-on variants that skip work
+                                        # (a non-LLM path; filter_state off)
+  python bench/gateway.py --llm-sim target/release/llm-sim
+                                        # also measures llm-sim alone, to compare upstreams
+
+Exit status: 0 when every run completed without request errors and the
+filter's own counters prove it processed the traffic; 1 otherwise; 2 when a
+prerequisite is missing. Missing the 0.95 target is reported, not an error.
+
+Everything listens on 127.0.0.1 only; every wrk run is bounded by -d and a
+subprocess timeout. Needs the release filter
+(`cargo build -p tokentap-filter --target wasm32-wasip1 --release`), `wrk`,
+`rustc`, and the e2e venv (`.venv`, re-executed into automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+VENV = REPO / ".venv"
+
+
+def _ensure_venv() -> None:
+    """Re-exec under the e2e venv when started with a bare `python`."""
+    try:
+        import envoy  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import yaml  # noqa: F401
+    except ImportError:
+        python = VENV / "bin" / "python"
+        if python.exists() and Path(sys.prefix).resolve() != VENV.resolve():
+            os.execv(str(python), [str(python), *sys.argv])
+        raise
+
+
+_ensure_venv()
+
+# The benchmark measures the filter as it ships: the size-tuned release build
+# in the default target dir, where `cargo xtask` and the e2e suites put it.
+os.environ.setdefault("TOKENTAP_WASM", str(REPO / "target" / "wasm32-wasip1" / "release" / "tokentap_filter.wasm"))
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+sys.path.insert(0, str(BENCH))
+
+import gateway_report as report  # noqa: E402
+import harness  # noqa: E402
+import stack  # noqa: E402
+from gateway_load import (  # noqa: E402
+    REFERENCE,
+    WARMUP,
+    OtlpSink,
+    Target,
+    Upstream,
+    build_sse_upstream,
+    loadavg,
+    run_wrk,
+    start_fast_upstream,
+    start_llm_sim,
+    start_sse_upstream,
+)
+
+LLM_PATH = "/v1/chat/completions"
+#: Not an LLM path for the filter (it stops at request headers); Envoy routes
+#: it to the same upstream through the catch-all `models` route.
+NON_LLM_PATH = "/v1/bench/not-llm"
+SSE_EVENTS = 64
+
+CHAT_BODY = {
+    "model": "mistral-7b",
+    "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+    "max_tokens": 16,
+}
+SSE_BODY = {**CHAT_BODY, "max_tokens": SSE_EVENTS - 3, "stream": True, "stream_options": {"include_usage": True}}
+CHAT_RESPONSE = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "mistral-7b",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 16, "total_tokens": 25, "completion_tokens": 9},
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    streaming: bool
+    tracing: bool
+    #: Pause of the SSE upstream before each event (0: back to back).
+    gap_us: int = 0
+
+    @property
+    def upstream_key(self) -> str:
+        return f"sse-gap{self.gap_us}" if self.streaming else "fast"
+
+
+#: Pause between events in `sse-paced`: long enough that Envoy reads (and
+#: the filter is called for) each event on its own, as with a real runtime.
+PACED_GAP_US = 250
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("chat", "non-streaming chat; JSON with usage from an Envoy direct_response", False, False),
+        Scenario("sse", f"streaming chat, {SSE_EVENTS} SSE events per response, written back to back", True, False),
+        Scenario(
+            "sse-otlp", f"as sse, with tracing on (sample ratio 1.0) exporting to a local OTLP sink", True, True
+        ),
+        Scenario(
+            "sse-paced",
+            f"as sse, with {PACED_GAP_US} µs before each event, so each event is its own body callback",
+            True,
+            False,
+            PACED_GAP_US,
+        ),
+    )
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    #: Which of the scenario's proxies serves it.
+    proxy: str
+    envoy: stack.Envoy
+    path: str
+    #: The filter treats this traffic as LLM traffic (its counters must move).
+    filtered: bool
+
+
+# --- proxies ----------------------------------------------------------------------
+
+
+def access_log_to_dev_null(config: dict) -> None:
+    """Keep the shipped access log (formatting it is part of the per-request
+    cost, in both variants) but not a file growing by hundreds of MB."""
+    for log in stack.hcm_of(config).get("access_log", []):
+        log["typed_config"]["path"] = "/dev/null"
+
+
+def proxy_edit(with_filter: bool, tracing_port: int | None = None, filter_state: bool = True):
+    def edit(config: dict) -> None:
+        access_log_to_dev_null(config)
+        if not with_filter:
+            stack.remove_filter(config)
+            return
+        plugin = stack.plugin_config(config)
+        if tracing_port is not None:
+            stack.add_cluster(config, "otel_sink", tracing_port)
+            plugin["tracing"] = {"cluster": "otel_sink", "authority": "otel-collector", "sample_ratio": 1.0}
+        if not filter_state:
+            plugin["filter_state"] = False
+        stack.set_plugin_config(config, plugin)
+
+    return edit
+
+
+def gateway_counters(envoy: stack.Envoy) -> dict[str, float]:
+    """The filter's own counters, read with the reference Prometheus parser."""
+    s = harness.parse_exposition(envoy.stats_prometheus())
+    return {
+        "requests": s.value("llm_gateway_requests_total"),
+        "completion_tokens": s.value("llm_gateway_tokens_total", token_type="completion"),
+        "parse_errors": s.value("llm_gateway_parse_errors_total"),
+        "unparsed": s.value("llm_gateway_responses_unparsed_total"),
+        "spans_exported": s.value("llm_gateway_spans_exported_total"),
+        "spans_dropped": s.value("llm_gateway_spans_dropped_total"),
+    }
+
+
+def sanity_request(name: str, url: str, body_file: Path, streaming: bool) -> str:
+    """One request before the load: the target answers what we think it does."""
+    payload = json.loads(body_file.read_text())
+    status, _, body, reads = harness.stream_timed(url, payload, {"x-tenant-id": "bench-1"}, timeout=10)
+    if status != 200:
+        raise RuntimeError(f"{name}: HTTP {status} {body[:200]!r}")
+    if streaming:
+        events = harness.sse_events(body)
+        if len(events) != SSE_EVENTS or events[-1] != b"[DONE]":
+            raise RuntimeError(f"{name}: {len(events)} SSE events, expected {SSE_EVENTS}")
+        return f"{name}: an idle request got {len(events)} SSE events in {len(reads)} socket read(s) at the client"
+    if json.loads(body).get("usage") != CHAT_RESPONSE["usage"]:
+        raise RuntimeError(f"{name}: unexpected body {body[:200]!r}")
+    return f"{name}: answers the chat completion"
+
+
+# --- one scenario ----------------------------------------------------------------
+
+
+def run_scenario(
+    scenario: Scenario,
+    tmp: Path,
+    upstream: Upstream,
+    references: list[Upstream],
+    opts: argparse.Namespace,
+) -> report.ScenarioResult:
+    result = report.ScenarioResult(scenario.name, scenario.description)
+    body_file = tmp / f"{scenario.name}-body.json"
+    body_file.write_text(json.dumps(SSE_BODY if scenario.streaming else CHAT_BODY))
+    sink = OtlpSink() if scenario.tracing else None
+    sink_port = sink.port if sink else None
+    envoys: dict[str, stack.Envoy] = {}
+
+    def start(key: str, edit) -> stack.Envoy:
+        envoys[key] = stack.start_envoy(
+            tmp,
+            stable_port=upstream.port,
+            edit=edit,
+            concurrency=1,
+            name=f"{scenario.name}-{key}",
+            flush_interval="5s",
+            log_level="warning",
+        )
+        return envoys[key]
+
+    try:
+        variants = [
+            Variant(report.BASELINE, "without", start("without", proxy_edit(False)), LLM_PATH, False),
+            Variant("with", "with", start("with", proxy_edit(True, sink_port)), LLM_PATH, True),
+        ]
+        if opts.profile:
+            variants.append(Variant("with, non-LLM path", "with", envoys["with"], NON_LLM_PATH, False))
+            no_state = start("with, filter_state off", proxy_edit(True, sink_port, filter_state=False))
+            variants.append(Variant("with, filter_state off", "with, filter_state off", no_state, LLM_PATH, True))
+        for key, envoy in envoys.items():
+            result.rss_idle[key] = envoy.proc.rss_bytes()
+        for v in variants:
+            result.checks.append(sanity_request(v.name, v.envoy.url + v.path, body_file, scenario.streaming))
+        for ref in references:
+            result.checks.append(sanity_request(f"{ref.name} alone", ref.url + LLM_PATH, body_file, scenario.streaming))
+        counters_before = {key: gateway_counters(e) for key, e in envoys.items() if key != "without"}
+
+        def target(v: Variant) -> Target:
+            return Target(v.name, v.envoy.url, v.path, body_file, v.envoy.proc.pid, upstream.proc.pid)
+
+        for conns in opts.connections:
+            for v in variants:
+                log_run(scenario.name, run_wrk(target(v), conns, opts.warmup, WARMUP), result)
+            for rep in range(opts.reps):
+                # A B, B A, A B, ...: a linear drift weighs on both alike.
+                for v in variants if rep % 2 == 0 else variants[::-1]:
+                    log_run(scenario.name, run_wrk(target(v), conns, opts.duration, rep), result)
+            for ref in references:
+                alone = Target(f"{ref.name} alone", ref.url, LLM_PATH, body_file, ref.proc.pid, ref.proc.pid)
+                log_run(scenario.name, run_wrk(alone, conns, opts.duration, REFERENCE), result)
+
+        for key, envoy in envoys.items():
+            result.rss_after[key] = envoy.proc.rss_bytes()
+        if sink is not None:
+            time.sleep(1.5)  # one more export period: queued spans reach the sink
+        check_filter_worked(result, variants, envoys, counters_before, scenario.streaming, sink)
+    finally:
+        for envoy in envoys.values():
+            envoy.stop()
+        if sink is not None:
+            sink.stop()
+    return result
+
+
+def check_filter_worked(
+    result: report.ScenarioResult,
+    variants: list[Variant],
+    envoys: dict[str, stack.Envoy],
+    before: dict[str, dict[str, float]],
+    streaming: bool,
+    sink: OtlpSink | None,
+) -> None:
+    """The filter is FAIL_OPEN: with a broken VM traffic would pass untouched
+    and this benchmark would measure nothing. Its counters must have moved by
+    at least what wrk completed through it (in-flight requests cut at the end
+    of a run may add a few)."""
+    tokens_per_response = SSE_EVENTS - 3 if streaming else CHAT_RESPONSE["usage"]["completion_tokens"]
+    for key, counts in before.items():
+        after = gateway_counters(envoys[key])
+        delta = {k: after[k] - counts[k] for k in after}
+        names = {v.name for v in variants if v.proxy == key and v.filtered}
+        sent = sum(r.requests for r in result.runs if r.variant in names)
+        result.checks.append(
+            f"{key}: the filter counted {delta['requests']:.0f} LLM requests for {sent} completed by wrk and "
+            f"{delta['completion_tokens']:.0f} completion tokens (≥ {sent * tokens_per_response} expected); "
+            f"parse errors {delta['parse_errors']:.0f}, unparsed responses {delta['unparsed']:.0f}"
+        )
+        if delta["requests"] < sent:
+            result.problems.append(f"{key}: the filter counted fewer requests than completed: did the VM fail open?")
+        if delta["completion_tokens"] < sent * tokens_per_response:
+            result.problems.append(f"{key}: fewer completion tokens than sent: were responses read?")
+        if delta["parse_errors"] or delta["unparsed"]:
+            result.problems.append(f"{key}: parse errors or unparsed responses during the load")
+        if sink is not None:
+            result.checks.append(
+                f"{key}: spans exported {delta['spans_exported']:.0f}, dropped {delta['spans_dropped']:.0f}"
+            )
+            if delta["spans_exported"] < sent:
+                result.problems.append(f"{key}: fewer spans exported than requests completed")
+    if sink is not None:
+        result.checks.append(
+            f"OTLP sink: {sink.requests} exports, {sink.spans} spans, {sink.bytes / 1e6:.1f} MB, {sink.bad} undecodable"
+        )
+        if sink.bad:
+            result.problems.append("the OTLP sink got undecodable exports")
+
+
+def log_run(scenario: str, run, result: report.ScenarioResult) -> None:
+    result.runs.append(run)
+    tag = {WARMUP: "warm-up", REFERENCE: "ref"}.get(run.rep, f"rep {run.rep + 1}")
+    print(
+        f"  {scenario:8s} c={run.connections:<3d} {run.variant:28s} {tag:7s} "
+        f"{run.rps:7.0f} rps  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  "
+        f"proxy {run.proxy_us_per_request:4.0f} us/req  others {run.others_cpu_s / run.seconds:.2f} cores  "
+        f"err {run.errors}  load {run.load_before:.2f}->{run.load_after:.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# --- main --------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs, one connection count: a smoke check")
+    p.add_argument("--profile", action="store_true", help="add filter-on variants that skip work")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    p.add_argument("--connections", help="comma-separated wrk connection counts (default 16,64; quick: 16)")
+    p.add_argument("--duration", type=int, help="seconds per measured run (default 4; quick: 1)")
+    p.add_argument("--warmup", type=int, help="seconds of the discarded warm-up run (default 2; quick: 1)")
+    p.add_argument("--reps", type=int, help="measured runs per variant (default 3; quick: 1)")
+    p.add_argument("--llm-sim", type=Path, help="llm-sim binary: also measure it alone as an SSE upstream")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="Markdown output (default bench/results/gateway-<date>[-profile].md; "
+        "quick: <target>/gateway-bench/gateway-<date>-quick.md)",
+    )
+    opts = p.parse_args(argv)
+    opts.connections = [int(c) for c in (opts.connections or ("16" if opts.quick else "16,64")).split(",")]
+    opts.duration = opts.duration or (1 if opts.quick else 4)
+    opts.warmup = opts.warmup or (1 if opts.quick else 2)
+    opts.reps = opts.reps or (1 if opts.quick else 3)
+    opts.scenarios = [s for s in opts.scenarios.split(",") if s]
+    unknown = [s for s in opts.scenarios if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}")
+    if not (1 <= opts.duration <= 60 and 1 <= opts.warmup <= 30 and 1 <= opts.reps <= 20):
+        p.error("duration 1-60 s, warmup 1-30 s, reps 1-20")
+    if any(not 1 <= c <= 1024 for c in opts.connections):
+        p.error("connections 1-1024")
+    return opts
+
+
+def target_dir() -> Path:
+    return Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def envoy_version() -> str:
+    out = subprocess.run([str(harness.envoy_binary()), "--version"], capture_output=True, text=True, timeout=30)
+    # "... version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    parts = out.stdout.split("version:")[-1].strip().split("/")
+    return parts[1] if len(parts) > 1 else out.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    wasm = harness.WASM
+    if not wasm.exists():
+        print(f"{wasm} missing: cargo build -p tokentap-filter --target wasm32-wasip1 --release", file=sys.stderr)
+        return 2
+    newer = [p for p in (REPO / "filters").rglob("*.rs") if p.stat().st_mtime > wasm.stat().st_mtime]
+    if newer:
+        print(f"warning: {len(newer)} filter source file(s) are newer than {wasm}; rebuild it", file=sys.stderr)
+    if shutil.which("wrk") is None:
+        print("wrk not found (Debian package `wrk`)", file=sys.stderr)
+        return 2
+    if opts.llm_sim is not None and not opts.llm_sim.exists():
+        print(f"{opts.llm_sim} missing", file=sys.stderr)
+        return 2
+    sse_binary = build_sse_upstream(target_dir() / "gateway-bench")
+    now = dt.datetime.now()
+    meta = {
+        "mode": "quick" if opts.quick else ("profile" if opts.profile else "full"),
+        "date": now.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "envoy": envoy_version(),
+        "wasm": wasm.name,
+        "wasm_bytes": wasm.stat().st_size,
+        "load_start": loadavg(),
+    }
+    print(
+        f"gateway benchmark ({meta['mode']}): {opts.scenarios}, connections {opts.connections}, "
+        f"{opts.reps} x {opts.duration} s per variant; load {meta['load_start']:.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    results: list[report.ScenarioResult] = []
+    upstreams: list[Upstream] = []
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            by_key: dict[str, Upstream] = {}
+            sim = None
+            for name in opts.scenarios:
+                scenario = SCENARIOS[name]
+                refs: list[Upstream] = []
+                upstream = by_key.get(scenario.upstream_key)
+                if upstream is None:
+                    # First scenario on this upstream: also measure it alone.
+                    if scenario.streaming:
+                        upstream = start_sse_upstream(tmp, sse_binary, SSE_EVENTS, scenario.gap_us)
+                    else:
+                        upstream = start_fast_upstream(tmp, CHAT_RESPONSE)
+                    by_key[scenario.upstream_key] = upstream
+                    upstreams.append(upstream)
+                    refs.append(upstream)
+                    if opts.llm_sim is not None and scenario.streaming and sim is None:
+                        sim = start_llm_sim(tmp, opts.llm_sim, SSE_EVENTS - 3)
+                        upstreams.append(sim)
+                        refs.append(sim)
+                results.append(run_scenario(scenario, tmp, upstream, refs, opts))
+        finally:
+            for u in upstreams:
+                u.proc.stop()
+    meta["load_end"] = loadavg()
+    text = report.render(results, opts, meta)
+    print(text)
+    if opts.out is not None:
+        out = opts.out
+    elif opts.quick:
+        # A smoke run is not a result: keep it out of the source tree.
+        out = target_dir() / "gateway-bench" / f"gateway-{now:%Y-%m-%d}-quick.md"
+    else:
+        suffix = "-profile" if opts.profile else ""
+        out = BENCH / "results" / f"gateway-{now:%Y-%m-%d}{suffix}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}", file=sys.stderr)
+    problems = [p for r in results for p in r.problems]
+    errors = sum(x.errors for r in results for x in r.runs)
+    if problems or errors:
+        print(f"{len(problems)} problem(s), {errors} request error(s): see the report", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
