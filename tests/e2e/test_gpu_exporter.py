@@ -591,3 +591,78 @@ def test_sigterm_shuts_down_cleanly(stack):
     assert code == 0, exporter.proc.logs()
     assert time.monotonic() - t0 < 5
     assert "panicked" not in exporter.proc.logs()
+
+
+FAKE_SMI = r'''#!/usr/bin/env python3
+"""A stand-in for nvidia-smi that answers --query-gpu from a JSON file."""
+import json, os, sys
+values = json.load(open(os.environ["FAKE_SMI_VALUES"]))
+args = sys.argv[1:]
+if args == ["-L"]:
+    for i, gpu in sorted(values.items()):
+        print(f"GPU {i}: {gpu['name']} (UUID: {gpu['uuid']})")
+    sys.exit(0)
+query = next(a for a in args if a.startswith("--query-gpu=")).split("=", 1)[1].split(",")
+for i, gpu in sorted(values.items()):
+    if any(f != "index" and f not in gpu for f in query):
+        print(f"Field \"{query[-1]}\" is not a valid field to query.", file=sys.stderr)
+        sys.exit(2)
+    print(", ".join(i if f == "index" else str(gpu[f]) for f in query))
+'''
+
+
+def _smi_values(temperature: int) -> dict:
+    g = gpu0()
+    return {"0": {
+        "uuid": G0, "name": g["name"], "pci.bus_id": g["pci_bus_id"], "serial": g["serial"],
+        "driver_version": "550.54.15", "utilization.gpu": 85, "utilization.memory": 41,
+        "memory.total": 80 * 1024, "memory.used": g["memory_used_bytes"] // MIB, "memory.reserved": 512,
+        "memory.free": (80 * GIB - g["memory_used_bytes"] - 512 * MIB) // MIB, "temperature.gpu": temperature,
+        "power.draw": 515.20, "enforced.power.limit": 700.00, "clocks.sm": 1755, "clocks.mem": 2619,
+        "ecc.errors.corrected.volatile.total": 12, "ecc.errors.uncorrected.volatile.total": 1,
+        "mig.mode.current": "Disabled", "clocks_event_reasons.active": "0x0000000000000024",
+    }}
+
+
+@pytest.mark.parametrize("temperature,expected_rc", [(64, 0), (90, 1)])
+def test_real_gpu_check_script_with_a_stand_in_driver(logdir, temperature, expected_rc):
+    """The real-GPU cross-check script, run end to end with the fake NVML as
+    libnvidia-ml.so.1 and a stand-in nvidia-smi, so it cannot rot before a GPU
+    machine runs it; a temperature off by more than its tolerance must fail."""
+    import os
+    import shutil
+    import sys
+
+    from exporter_stack import fake_nvml_lib
+    from harness import REPO, bin_path
+
+    scenario = NvmlScenario(logdir / "nvml.json")
+    scenario.write({"driver_version": "550.54.15", "gpus": [gpu0()]})
+    (logdir / "bin").mkdir()
+    (logdir / "lib").mkdir()
+    smi = logdir / "bin" / "nvidia-smi"
+    smi.write_text(FAKE_SMI.replace("/usr/bin/env python3", sys.executable))
+    smi.chmod(0o755)
+    (logdir / "smi.json").write_text(__import__("json").dumps(_smi_values(temperature)))
+    shutil.copy(fake_nvml_lib(), logdir / "lib" / "libnvidia-ml.so.1")
+    env = {
+        **os.environ,
+        "PATH": f"{logdir / 'bin'}:{os.environ['PATH']}",
+        "LD_LIBRARY_PATH": str(logdir / "lib"),
+        "FAKE_NVML_SCENARIO": str(scenario.path),
+        "FAKE_SMI_VALUES": str(logdir / "smi.json"),
+        "GPU_EXPORTER_BIN": str(bin_path("gpu-exporter")),
+        "PYTHON": sys.executable,
+    }
+    result = subprocess.run([str(REPO / "gpu-exporter" / "scripts" / "real-gpu-check.sh"), str(logdir / "out")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == expected_rc, out
+    report = (logdir / "out" / "real-gpu-check.md").read_text()
+    assert "| 0 | gpu_uuid |" in report
+    assert "| 0 | power.draw (W) | 512.345 | 515.2 |" in report
+    if expected_rc == 0:
+        assert "**MISMATCH**" not in report, report
+    else:
+        mismatches = [l for l in report.splitlines() if "MISMATCH" in l]
+        assert len(mismatches) == 1 and "temperature.gpu" in mismatches[0], report

@@ -331,9 +331,6 @@ impl SnapshotBuilder {
 
         // --- NVML and XID health
         let nvml_up = matches!(gpu.nvml, NvmlStatus::Up { .. });
-        if let NvmlStatus::Down { kind, .. } = &gpu.nvml {
-            self.count_error(Collector::Nvml, *kind);
-        }
         let count_failed = gpu
             .errors
             .iter()
@@ -843,6 +840,14 @@ mod tests {
     #[test]
     fn nvml_down_keeps_serving_health() {
         let mut b = builder();
+        let mut down = GpuReading::down(ErrorKind::LibraryNotFound, "no lib");
+        down.errors.push(CallError {
+            call: "nvmlInit",
+            kind: ErrorKind::LibraryNotFound,
+            from_events: false,
+        });
+        b.build(input(down.clone(), None, None, Instant::now()));
+        // A pass without a load attempt adds no error.
         let snap = b.build(input(
             GpuReading::down(ErrorKind::LibraryNotFound, "no lib"),
             None,
@@ -855,7 +860,7 @@ mod tests {
             snap.errors[&(Collector::Nvml, ErrorKind::LibraryNotFound)],
             1
         );
-        assert_eq!(snap.collections_total, 1);
+        assert_eq!(snap.collections_total, 2);
     }
 
     #[test]

@@ -398,12 +398,22 @@ impl NvmlSource {
 
 impl GpuSource for NvmlSource {
     fn collect(&mut self) -> GpuReading {
+        let attempted = self.nvml.is_none() && Instant::now() >= self.next_attempt;
         let Some(nvml) = self.ensure_loaded() else {
             let (kind, message) = self
                 .down
                 .clone()
                 .unwrap_or((ErrorKind::Unknown, "NVML not loaded".into()));
-            return GpuReading::down(kind, message);
+            let mut reading = GpuReading::down(kind, message);
+            if attempted {
+                // Counted once per load attempt, not once per pass.
+                reading.errors.push(CallError {
+                    call: "nvmlInit",
+                    kind,
+                    from_events: false,
+                });
+            }
+            return reading;
         };
         let mut errors = Vec::new();
         let mut devices = Vec::new();
@@ -714,6 +724,9 @@ mod tests {
             xid_events: true,
         });
         let reading = source.collect();
+        assert_eq!(reading.errors.len(), 1, "the load attempt is one error");
+        // Before the retry interval no new attempt, so no new error.
+        assert!(source.collect().errors.is_empty());
         match reading.nvml {
             NvmlStatus::Down { kind, message } => {
                 assert_eq!(kind, ErrorKind::LibraryNotFound);
