@@ -19,7 +19,7 @@ use crate::gpu::nvml::{NvmlConfig, NvmlSource};
 use crate::gpu::{GpuReading, GpuSource};
 use crate::kube::{KubeClient, KubeConfig, PodStore};
 use crate::metrics::{ExpositionOptions, GpuCollector, SnapshotCell};
-use crate::podresources::{allocatable_counts, Allocations, PodResourcesClient, ResourceFilter};
+use crate::podresources::{AllocationSource, PodResourcesClient, ResourceFilter};
 use crate::server::{serve, AppState};
 use crate::snapshot::{PassInput, Snapshot, SnapshotBuilder};
 
@@ -66,16 +66,18 @@ fn spawn_gpu_thread(
         })
 }
 
-struct Sources {
-    podresources: Option<PodResourcesClient>,
+struct Sources<A> {
+    podresources: Option<A>,
     pods: Option<Arc<PodStore>>,
     resolver: Option<ProcCgroupResolver>,
 }
 
-async fn collection_loop(
+/// Joins each GPU reading with allocations, pods and processes and stores
+/// the snapshot; ends when the GPU thread stops sending.
+async fn collection_loop<A: AllocationSource>(
     mut readings: mpsc::Receiver<(GpuReading, Duration)>,
     mut builder: SnapshotBuilder,
-    mut sources: Sources,
+    mut sources: Sources<A>,
     filter: ResourceFilter,
     cell: Arc<SnapshotCell>,
 ) {
@@ -84,23 +86,10 @@ async fn collection_loop(
         let started = Instant::now();
         let (allocations, allocatable) = match sources.podresources.as_mut() {
             None => (None, None),
-            Some(client) => {
-                let listed = client
-                    .list()
-                    .await
-                    .map(|r| Allocations::from_list(&r, &filter))
-                    .map_err(|e| {
-                        tracing::debug!(error = %e, "PodResources List failed");
-                        e.kind()
-                    });
+            Some(source) => {
+                let listed = source.allocations(&filter).await;
                 let allocatable = if pass % ALLOCATABLE_EVERY == 0 && listed.is_ok() {
-                    Some(
-                        client
-                            .allocatable()
-                            .await
-                            .map(|r| allocatable_counts(&r, &filter))
-                            .map_err(|e| e.kind()),
-                    )
+                    Some(source.allocatable(&filter).await)
                 } else {
                     None
                 };
@@ -280,4 +269,233 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
     // The NVML thread finishes its pass (and shuts NVML down) on its own.
     let _ = tokio::task::spawn_blocking(move || gpu_thread.join()).await;
     result.map_err(AppError::Serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{DeviceIdentity, DeviceReading, NvmlStatus, XidEvent};
+    use crate::health::{Collector, ErrorKind};
+    use crate::kube::NodePod;
+    use crate::podresources::{Allocations, ContainerRef};
+    use std::collections::{BTreeMap, HashMap, VecDeque};
+    use tokentap_workload::PodInfo;
+
+    const G0: &str = "GPU-00000000-0000-4000-8000-0000000000a0";
+    const G1: &str = "GPU-00000000-0000-4000-8000-0000000000a1";
+
+    /// Plays readings in order, then repeats the last one.
+    struct ScriptedGpus(VecDeque<GpuReading>);
+
+    impl GpuSource for ScriptedGpus {
+        fn collect(&mut self) -> GpuReading {
+            if self.0.len() > 1 {
+                self.0
+                    .pop_front()
+                    .unwrap_or_else(|| GpuReading::down(ErrorKind::Unknown, "empty"))
+            } else {
+                self.0
+                    .front()
+                    .cloned()
+                    .unwrap_or_else(|| GpuReading::down(ErrorKind::Unknown, "empty"))
+            }
+        }
+    }
+
+    struct FixedAllocations(Result<Allocations, ErrorKind>);
+
+    impl AllocationSource for FixedAllocations {
+        async fn allocations(&mut self, _: &ResourceFilter) -> Result<Allocations, ErrorKind> {
+            self.0.clone()
+        }
+
+        async fn allocatable(
+            &mut self,
+            _: &ResourceFilter,
+        ) -> Result<BTreeMap<String, u64>, ErrorKind> {
+            Ok(BTreeMap::from([("nvidia.com/gpu".to_string(), 2)]))
+        }
+    }
+
+    fn device(index: u32, uuid: &str, lost: bool) -> DeviceReading {
+        DeviceReading {
+            identity: DeviceIdentity {
+                index,
+                uuid: uuid.into(),
+                ..DeviceIdentity::default()
+            },
+            lost,
+            utilization_gpu_percent: (!lost).then_some(40 + index),
+            ..DeviceReading::default()
+        }
+    }
+
+    fn reading(devices: Vec<DeviceReading>, xids: Vec<XidEvent>) -> GpuReading {
+        GpuReading {
+            nvml: NvmlStatus::Up {
+                driver_version: None,
+                cuda_driver_version: None,
+            },
+            devices,
+            xid_events: xids,
+            xid_watch_healthy: Some(true),
+            errors: vec![],
+            enumerated: false,
+        }
+    }
+
+    /// The whole pass pipeline without any process: a scripted GPU source on
+    /// the real poller thread, a fixed allocation source, an in-memory pod
+    /// store, the real collection loop and snapshot cell.
+    #[tokio::test(flavor = "current_thread")]
+    async fn passes_join_gpus_allocations_and_pods_into_served_snapshots() {
+        let script = VecDeque::from([
+            reading(vec![device(0, G0, false), device(1, G1, false)], vec![]),
+            reading(
+                vec![device(0, G0, false)],
+                vec![XidEvent {
+                    gpu_uuid: G0.into(),
+                    xid: Some(79),
+                }],
+            ),
+            reading(vec![device(0, G0, false), device(1, G1, true)], vec![]),
+        ]);
+        let (tx, rx) = mpsc::channel(1);
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let thread = spawn_gpu_thread(
+            Box::new(ScriptedGpus(script)),
+            Duration::from_millis(2),
+            tx,
+            stop_rx,
+        )
+        .unwrap();
+
+        let store = Arc::new(PodStore::default());
+        let mut labels = BTreeMap::new();
+        labels.insert(
+            "workload.k8sllm.io/model".to_string(),
+            "mistral-7b".to_string(),
+        );
+        store.replace(vec![NodePod {
+            info: PodInfo {
+                namespace: "llm".into(),
+                name: "vllm-0".into(),
+                uid: "u0".into(),
+                labels,
+                ..PodInfo::default()
+            },
+            ..NodePod::default()
+        }]);
+        let allocations = Allocations {
+            by_device: HashMap::from([(
+                G0.to_string(),
+                vec![ContainerRef {
+                    namespace: "llm".into(),
+                    pod: "vllm-0".into(),
+                    container: "server".into(),
+                }],
+            )]),
+            ..Allocations::default()
+        };
+        let policy = WorkloadLabelPolicy::default();
+        let cell = Arc::new(SnapshotCell::new(Snapshot::empty("n", &policy)));
+        let builder = SnapshotBuilder::new(
+            "n",
+            policy,
+            ResourceFilter::default(),
+            Duration::from_secs(60),
+        );
+        let sources = Sources {
+            podresources: Some(FixedAllocations(Ok(allocations))),
+            pods: Some(store),
+            resolver: None,
+        };
+        let collection = tokio::spawn(collection_loop(
+            rx,
+            builder,
+            sources,
+            ResourceFilter::default(),
+            cell.clone(),
+        ));
+
+        let mut snap = cell.load();
+        for _ in 0..2000 {
+            if snap.collections_total >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            snap = cell.load();
+        }
+        drop(stop_tx);
+        collection.abort();
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+
+        assert!(
+            snap.collections_total >= 4,
+            "passes: {}",
+            snap.collections_total
+        );
+        assert_eq!(snap.gpus.len(), 2);
+        let g0 = &snap.gpus[0];
+        assert!(g0.up);
+        assert_eq!(g0.owners[0].pod, "vllm-0");
+        assert_eq!(g0.owners[0].workload.get("model"), Some("mistral-7b"));
+        assert!(!snap.gpus[1].up, "GPU 1 was lost in the last reading");
+        assert_eq!(snap.xid.len(), 1);
+        assert_eq!(snap.xid[0].count, 1);
+        assert_eq!(snap.xid[0].owner.pod, "vllm-0");
+        assert_eq!(snap.devices_allocatable["nvidia.com/gpu"], 2);
+        assert!(snap.collectors[&Collector::PodResources].success);
+        assert!(snap.collectors[&Collector::KubePods].success);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failing_allocation_source_keeps_gpu_series() {
+        let (tx, rx) = mpsc::channel(1);
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let script = VecDeque::from([reading(vec![device(0, G0, false)], vec![])]);
+        let thread = spawn_gpu_thread(
+            Box::new(ScriptedGpus(script)),
+            Duration::from_millis(2),
+            tx,
+            stop_rx,
+        )
+        .unwrap();
+        let policy = WorkloadLabelPolicy::default();
+        let cell = Arc::new(SnapshotCell::new(Snapshot::empty("n", &policy)));
+        let builder = SnapshotBuilder::new(
+            "n",
+            policy,
+            ResourceFilter::default(),
+            Duration::from_secs(60),
+        );
+        let sources = Sources {
+            podresources: Some(FixedAllocations(Err(ErrorKind::Connect))),
+            pods: None,
+            resolver: None,
+        };
+        let collection = tokio::spawn(collection_loop(
+            rx,
+            builder,
+            sources,
+            ResourceFilter::default(),
+            cell.clone(),
+        ));
+        let mut snap = cell.load();
+        for _ in 0..2000 {
+            if snap.collections_total >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            snap = cell.load();
+        }
+        drop(stop_tx);
+        collection.abort();
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        assert_eq!(snap.gpus.len(), 1);
+        assert_eq!(snap.gpus[0].device.utilization_gpu_percent, Some(40));
+        assert!(!snap.gpus[0].owners[0].is_attributed());
+        assert!(!snap.collectors[&Collector::PodResources].success);
+        assert!(snap.errors[&(Collector::PodResources, ErrorKind::Connect)] >= 2);
+    }
 }

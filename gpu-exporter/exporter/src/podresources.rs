@@ -223,6 +223,22 @@ pub fn allocatable_counts(
     out
 }
 
+/// Where GPU allocations come from: the kubelet in production, a fixed map
+/// in tests of the collection loop.
+pub trait AllocationSource {
+    /// Current allocations of GPU resources.
+    fn allocations(
+        &mut self,
+        filter: &ResourceFilter,
+    ) -> impl std::future::Future<Output = Result<Allocations, ErrorKind>>;
+
+    /// Allocatable GPU device IDs per resource.
+    fn allocatable(
+        &mut self,
+        filter: &ResourceFilter,
+    ) -> impl std::future::Future<Output = Result<BTreeMap<String, u64>, ErrorKind>>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodResourcesError {
     #[error("kubelet socket {0} does not exist")]
@@ -321,6 +337,28 @@ impl PodResourcesClient {
             Ok(result) => Ok(result?.into_inner()),
             Err(_) => Err(PodResourcesError::Timeout(self.timeout)),
         }
+    }
+}
+
+impl AllocationSource for PodResourcesClient {
+    async fn allocations(&mut self, filter: &ResourceFilter) -> Result<Allocations, ErrorKind> {
+        self.list()
+            .await
+            .map(|r| Allocations::from_list(&r, filter))
+            .map_err(|e| {
+                tracing::debug!(error = %e, "PodResources List failed");
+                e.kind()
+            })
+    }
+
+    async fn allocatable(
+        &mut self,
+        filter: &ResourceFilter,
+    ) -> Result<BTreeMap<String, u64>, ErrorKind> {
+        PodResourcesClient::allocatable(self)
+            .await
+            .map(|r| allocatable_counts(&r, filter))
+            .map_err(|e| e.kind())
     }
 }
 
