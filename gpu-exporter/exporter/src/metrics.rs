@@ -817,6 +817,13 @@ mod tests {
             mig: vec![],
             last_xid: Some(79),
         });
+        snap.xid.push(crate::snapshot::XidCount {
+            gpu_index: 0,
+            gpu_uuid: "GPU-a".into(),
+            xid: "79".into(),
+            owner: snap.gpus[0].owners[0].clone(),
+            count: 3,
+        });
         snap.collectors.insert(
             Collector::Nvml,
             CollectorStatus {
@@ -897,10 +904,12 @@ mod tests {
         assert_eq!(errors[0].labels.get("kind"), Some("not_found"));
         assert_eq!(value(errors[0]), 2.0);
         assert!(sample(&scrape, "DCGM_FI_DEV_GPU_UTIL").is_empty());
-        assert!(
-            text.contains("# TYPE llm_gpu_xid_errors_total counter")
-                || !text.contains("llm_gpu_xid_errors")
-        );
+        let xid = sample(&scrape, "llm_gpu_xid_errors_total");
+        assert_eq!(xid.len(), 1);
+        assert_eq!(xid[0].labels.get("xid"), Some("79"));
+        assert_eq!(xid[0].labels.get("pod"), Some("vllm-0"));
+        assert_eq!(value(xid[0]), 3.0);
+        assert!(text.contains("# TYPE llm_gpu_xid_errors_total counter"));
     }
 
     #[test]

@@ -1033,6 +1033,79 @@ mod tests {
         assert!(event_set_id(gpu_handle(0)).is_err());
     }
 
+    fn loaded(scenario: Scenario) -> Loaded {
+        Loaded {
+            source: Source::Synthetic,
+            started: Instant::now(),
+            applied_steps: 0,
+            scenario,
+            init_count: 1,
+            event_sets: HashMap::new(),
+            next_event_set: 1,
+            delivered_anywhere: HashMap::new(),
+        }
+    }
+
+    fn register(state: &mut Loaded, id: usize, uuid: &str) {
+        let already = state.delivered_anywhere.get(uuid).copied().unwrap_or(0);
+        let set = state.event_sets.entry(id).or_default();
+        set.delivered.insert(uuid.to_string(), already);
+        set.xid_gpus.push(uuid.to_string());
+    }
+
+    #[test]
+    fn xids_go_once_to_each_set_and_not_again_to_later_sets() {
+        let mut scenario = scenario::synthetic(2);
+        scenario.gpus[1].xid_events = vec![
+            scenario::XidSpec {
+                xid: 79,
+                after_s: 0.0,
+            },
+            scenario::XidSpec {
+                xid: 48,
+                after_s: 3600.0,
+            },
+        ];
+        let uuid = scenario.gpus[1].uuid.clone();
+        let mut state = loaded(scenario);
+        register(&mut state, 1, &uuid);
+        register(&mut state, 2, &uuid);
+        assert_eq!(next_event(&mut state, 1), Ok(Some((1, 79))));
+        assert_eq!(next_event(&mut state, 2), Ok(Some((1, 79))));
+        // Not due yet.
+        assert_eq!(next_event(&mut state, 1), Ok(None));
+        // A set registered after delivery (re-registration after a loss)
+        // does not see the old event again.
+        register(&mut state, 3, &uuid);
+        assert_eq!(next_event(&mut state, 3), Ok(None));
+        assert_eq!(next_event(&mut state, 9), Err(ERROR_INVALID_ARGUMENT));
+    }
+
+    #[test]
+    fn lost_gpus_answer_gpu_is_lost_and_removed_ones_vanish() {
+        let mut scenario = scenario::synthetic(3);
+        scenario.gpus[0].removed = true;
+        scenario.gpus[2].lost = true;
+        let state = loaded(scenario);
+        assert_eq!(state.visible().count(), 2);
+        assert!(matches!(
+            resolve_handle(&state, gpu_handle(0)),
+            Ok(Target::Gpu(0, _))
+        ));
+        assert!(matches!(
+            resolve_handle(&state, gpu_handle(1)),
+            Err(ERROR_GPU_IS_LOST)
+        ));
+        assert!(matches!(
+            resolve_handle(&state, gpu_handle(2)),
+            Err(ERROR_INVALID_ARGUMENT)
+        ));
+        assert!(matches!(
+            resolve_handle(&state, mig_handle(0, 0)),
+            Err(ERROR_INVALID_ARGUMENT)
+        ));
+    }
+
     #[test]
     fn memory_v2_version_matches_nvml_macro() {
         // sizeof(nvmlMemory_v2_t) is 40 on LP64; version 2 in the top byte.
