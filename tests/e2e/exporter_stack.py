@@ -152,6 +152,11 @@ def start_fake_kube_api(
     return FakeKubeApi(proc, _ready_address(proc, f"{name} ready line"))
 
 
+def update_pods(api: FakeKubeApi, pods: Sequence[dict]) -> None:
+    """Replace the pods a fake API serves (see `FakeKubeApi.update_pods`)."""
+    api.update_pods(pods)
+
+
 # -------------------------------------------------------------- fake kubelet
 
 
@@ -345,5 +350,6 @@ __all__ = [
     "start_exporter",
     "start_fake_kube_api",
     "start_fake_kubelet",
+    "update_pods",
     "write_json_atomically",
 ]
