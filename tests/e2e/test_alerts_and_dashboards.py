@@ -283,6 +283,16 @@ def test_every_alert_has_severity_annotations_and_a_runbook_section():
         assert anchor == a["alert"].lower() and anchor in anchors, f"{a['alert']}: no section #{anchor} in docs/operations.md"
 
 
+def test_operations_doc_links_resolve():
+    text = (DOCS / "operations.md").read_text()
+    anchors = github_anchors(text)
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 20
+    assert not [l for l in links if l not in anchors], [l for l in links if l not in anchors]
+    for path in re.findall(r"\]\(([a-z-]+\.md)(?:#[^)]*)?\)", text):
+        assert (DOCS / path).exists(), path
+
+
 def test_every_alert_has_a_firing_and_a_quiet_case():
     cases: dict[str, list[bool]] = {}
     for test in yaml.safe_load(RULES_TEST.read_text())["tests"]:
