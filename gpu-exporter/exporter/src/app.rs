@@ -266,8 +266,16 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
     let _ = stop_tx.send(true);
     drop(thread_stop_tx);
     collection.abort();
-    // The NVML thread finishes its pass (and shuts NVML down) on its own.
-    let _ = tokio::task::spawn_blocking(move || gpu_thread.join()).await;
+    // The NVML thread finishes its pass and shuts NVML down on its own; a
+    // call hung in the driver must not hold the exit forever.
+    let joined = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || gpu_thread.join()),
+    )
+    .await;
+    if joined.is_err() {
+        tracing::warn!("NVML thread still busy after 5s; exiting without waiting for it");
+    }
     result.map_err(AppError::Serve)
 }
 

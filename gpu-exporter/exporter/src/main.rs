@@ -53,6 +53,9 @@ fn main() -> anyhow::Result<()> {
         .max_blocking_threads(2)
         .build()
         .context("cannot build the Tokio runtime")?;
-    runtime.block_on(app::run(cli, shutdown_signal()))?;
+    let result = runtime.block_on(app::run(cli, shutdown_signal()));
+    // Do not wait on a blocking task stuck in the driver.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
     Ok(())
 }
