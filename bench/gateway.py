@@ -23,8 +23,9 @@ Scenarios:
 Usage:
   python bench/gateway.py --quick       # smoke check (~40 s): exits 0 and prints the table
   python bench/gateway.py               # full run, about 5 minutes
-  python bench/gateway.py --profile     # adds filter-on variants that skip work
-                                        # (a non-LLM path; filter_state off)
+  python bench/gateway.py --profile     # adds filter-on variants that skip work: a
+                                        # non-LLM path, a route with the filter disabled,
+                                        # filter_state off
   python bench/gateway.py --llm-sim target/release/llm-sim
                                         # also measures llm-sim alone, to compare upstreams
 
@@ -100,6 +101,9 @@ LLM_PATH = "/v1/chat/completions"
 #: Not an LLM path for the filter (it stops at request headers); Envoy routes
 #: it to the same upstream through the catch-all `models` route.
 NON_LLM_PATH = "/v1/bench/not-llm"
+#: With --profile, a route added to every proxy (before the catch-all) on
+#: which the filter is disabled per route (`FilterConfig.disabled`).
+DISABLED_PATH = "/v1/bench/filter-disabled"
 SSE_EVENTS = 64
 
 CHAT_BODY = {
@@ -183,9 +187,23 @@ def access_log_to_dev_null(config: dict) -> None:
         log["typed_config"]["path"] = "/dev/null"
 
 
-def proxy_edit(with_filter: bool, tracing_port: int | None = None, filter_state: bool = True):
+def add_disabled_route(config: dict, with_filter: bool) -> None:
+    """A route to the same upstream on which the filter is switched off per
+    route: what a gateway can do for its non-LLM routes."""
+    routes = stack.hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
+    route = {"name": "bench-disabled", "match": {"prefix": DISABLED_PATH}, "route": {"cluster": "llm_stable"}}
+    if with_filter:
+        route["typed_per_filter_config"] = {
+            "envoy.filters.http.wasm": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+        }
+    routes.insert(len(routes) - 1, route)
+
+
+def proxy_edit(with_filter: bool, tracing_port: int | None = None, filter_state: bool = True, profile: bool = False):
     def edit(config: dict) -> None:
         access_log_to_dev_null(config)
+        if profile:
+            add_disabled_route(config, with_filter)
         if not with_filter:
             stack.remove_filter(config)
             return
@@ -259,13 +277,15 @@ def run_scenario(
         return envoys[key]
 
     try:
+        profile = opts.profile
         variants = [
-            Variant(report.BASELINE, "without", start("without", proxy_edit(False)), LLM_PATH, False),
-            Variant("with", "with", start("with", proxy_edit(True, sink_port)), LLM_PATH, True),
+            Variant(report.BASELINE, "without", start("without", proxy_edit(False, profile=profile)), LLM_PATH, False),
+            Variant("with", "with", start("with", proxy_edit(True, sink_port, profile=profile)), LLM_PATH, True),
         ]
-        if opts.profile:
+        if profile:
             variants.append(Variant("with, non-LLM path", "with", envoys["with"], NON_LLM_PATH, False))
-            no_state = start("with, filter_state off", proxy_edit(True, sink_port, filter_state=False))
+            variants.append(Variant("with, disabled on the route", "with", envoys["with"], DISABLED_PATH, False))
+            no_state = start("with, filter_state off", proxy_edit(True, sink_port, filter_state=False, profile=True))
             variants.append(Variant("with, filter_state off", "with, filter_state off", no_state, LLM_PATH, True))
         for key, envoy in envoys.items():
             result.rss_idle[key] = envoy.proc.rss_bytes()
