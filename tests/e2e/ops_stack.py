@@ -275,7 +275,8 @@ def gateway_config(tmp: Path, *, stable_port: int, canary_port: int | None = Non
 
 
 def launch_envoy(tmp: Path, config: dict, ports: GatewayPorts, *, name: str = "envoy",
-                 extra_args: Iterable[str] = (), env: dict | None = None, timeout: float = 30) -> Envoy:
+                 extra_args: Iterable[str] = (), env: dict | None = None, timeout: float = 30,
+                 wait_ready: bool = True) -> Envoy:
     """Start Envoy on a prepared bootstrap (plus e.g. `--config-yaml`)."""
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -287,7 +288,8 @@ def launch_envoy(tmp: Path, config: dict, ports: GatewayPorts, *, name: str = "e
         env=env,
     ).start()
     envoy = Envoy(proc, ports.listen, ports.admin, path, ports.access_log)
-    wait_http_ok(f"{envoy.admin}/ready", proc, timeout=timeout)
+    if wait_ready:
+        wait_http_ok(f"{envoy.admin}/ready", proc, timeout=timeout)
     return envoy
 
 

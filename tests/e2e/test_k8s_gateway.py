@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import REPO, parse_exposition, post_json, stream_timed, get
+from harness import REPO, parse_exposition, post_json, stream_timed, get, wait_until
 from otlp_receiver import OtlpReceiver
 from ops_stack import (
     EG_DEFAULT_STATS_CONFIG,
@@ -688,9 +688,20 @@ def test_a_broken_embedded_config_is_refused_by_the_filter(logdir, wasm_path, pl
     plugin["tracing"]["sample_ratio"] = 2
     config, ports = gateway_config(logdir, stable_port=1)
     set_plugin_config_raw(config, plugin)
-    with pytest.raises((TimeoutError, RuntimeError)):
-        launch_envoy(logdir, config, ports, timeout=15)
-    assert "tracing.sample_ratio" in (logdir / "envoy.log").read_text()
+    envoy = launch_envoy(logdir, config, ports, wait_ready=False)
+    try:
+        wait_until(lambda: "plugin configuration field `tracing.sample_ratio`: must be between 0 and 1" in envoy.proc.logs(400),
+                   timeout=30, what="the filter refusing its configuration")
+        # Refused means the listener never comes up: Envoy is not ready.
+        def ready():
+            try:
+                return get(f"{envoy.admin}/ready", timeout=1).status == 200
+            except OSError:
+                return False
+        assert not ready()
+        assert "Unable to create Wasm plugin" in envoy.proc.logs(400) or "failed to load" in envoy.proc.logs(400)
+    finally:
+        envoy.stop()
 
 
 def test_filter_image_recipe_is_the_docker_compat_wasm_layout():
