@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import REPO, get, post_json, stream_timed, wait_until
+from harness import REPO, post_json, stream_timed, wait_until
 from ops_stack import (
     DOCS,
     OBSERVABILITY,

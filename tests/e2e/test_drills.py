@@ -24,7 +24,6 @@ prefill times, far above timer noise.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
