@@ -20,7 +20,8 @@ Pods use the fake API's short form, e.g.::
                      "containerID": "containerd://<64 hex>"}]}
 
 (`uid` defaults to one derived from namespace/name, `node` to the server's
-node, `phase` to Running; full pod objects with `metadata` are accepted too.)
+node, `phase` to Running; full pod objects with `metadata`, and pods in the
+serde shape of `tokentap_workload::PodInfo`, are accepted too.)
 """
 
 from __future__ import annotations

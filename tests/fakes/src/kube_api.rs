@@ -103,12 +103,65 @@ pub fn derived_uid(namespace: &str, name: &str) -> String {
     )
 }
 
-/// Turns a scenario pod (short or full form) into a pod object.
+/// The short form from a `tokentap_workload::PodInfo` (its serde shape:
+/// `ip`, `container_ports`, `restart_count`, ...), so suites that already
+/// describe pods that way can feed the fake API directly.
+fn from_pod_info(info: tokentap_workload::PodInfo) -> SimplePod {
+    let mut containers: Vec<SimpleContainer> = Vec::new();
+    for port in &info.container_ports {
+        let index = match containers.iter().position(|c| c.name == port.container) {
+            Some(i) => i,
+            None => {
+                containers.push(SimpleContainer {
+                    name: port.container.clone(),
+                    ..SimpleContainer::default()
+                });
+                containers.len() - 1
+            }
+        };
+        containers[index].ports.push(SimplePort {
+            name: port.name.clone(),
+            container_port: port.port,
+        });
+    }
+    if containers.is_empty() {
+        containers.push(SimpleContainer {
+            name: "main".into(),
+            ..SimpleContainer::default()
+        });
+    }
+    SimplePod {
+        uid: (!info.uid.is_empty()).then(|| info.uid.clone()),
+        pod_ip: info.ip.clone(),
+        phase: (!info.phase.is_empty()).then(|| info.phase.clone()),
+        ready: Some(info.ready),
+        restart_count: info.restart_count,
+        labels: info.labels,
+        annotations: info.annotations,
+        name: info.name,
+        namespace: info.namespace,
+        containers,
+        ..SimplePod::default()
+    }
+}
+
+/// Turns a scenario pod (full object, short form, or `PodInfo` shape) into a
+/// pod object.
 pub fn pod_object(value: &Value, default_node: &str) -> Result<Value, String> {
     if value.get("metadata").is_some() {
         return Ok(value.clone());
     }
-    let pod: SimplePod = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    let pod: SimplePod = match serde_json::from_value::<SimplePod>(value.clone()) {
+        Ok(pod) => pod,
+        Err(short_form_error) => {
+            match serde_json::from_value::<tokentap_workload::PodInfo>(value.clone()) {
+                Ok(info) if value.get("container_ports").is_some() || value.get("ip").is_some() => {
+                    from_pod_info(info)
+                }
+                _ => return Err(short_form_error.to_string()),
+            }
+        }
+    };
     if pod.name.is_empty() || pod.namespace.is_empty() {
         return Err("a pod needs name and namespace".into());
     }
@@ -882,6 +935,27 @@ mod tests {
         assert_eq!(uid.len(), 36);
         assert!(pod_object(&json!({"name": "x"}), "n").is_err());
         assert!(pod_object(&json!({"name": "x", "namespace": "y", "bogus": 1}), "n").is_err());
+    }
+
+    #[test]
+    fn pod_info_shaped_pods_are_accepted() {
+        let pod = pod_object(
+            &json!({"namespace": "llm", "name": "sim-a", "uid": "uid-sim-a", "ip": "127.0.0.1",
+                    "phase": "Running", "ready": true, "labels": {"app.kubernetes.io/part-of": "llm-platform"},
+                    "annotations": {"prometheus.io/port": "8001"},
+                    "container_ports": [{"container": "server", "name": "http", "port": 8001}],
+                    "restart_count": 2}),
+            "node-1",
+        )
+        .unwrap();
+        assert_eq!(pod["metadata"]["uid"], "uid-sim-a");
+        assert_eq!(pod["status"]["podIP"], "127.0.0.1");
+        assert_eq!(pod["status"]["containerStatuses"][0]["restartCount"], 2);
+        assert_eq!(pod["spec"]["containers"][0]["name"], "server");
+        assert_eq!(
+            pod["spec"]["containers"][0]["ports"][0]["containerPort"],
+            8001
+        );
     }
 
     #[test]
