@@ -67,13 +67,19 @@ _READY = re.compile(r"^READY (\S+)$", re.MULTILINE)
 
 
 def _ready_address(proc: Proc, what: str, timeout: float = 20.0) -> str:
+    """The address on the process's READY line; stops it if none comes."""
+
     def ready():
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited early:\n{proc.logs()}")
         m = _READY.search(proc.logs(tail=50))
         return m.group(1) if m else None
 
-    return wait_until(ready, timeout=timeout, what=what)
+    try:
+        return wait_until(ready, timeout=timeout, what=what)
+    except BaseException:
+        proc.stop()
+        raise
 
 
 def write_json_atomically(path: Path, value: object) -> None:
@@ -325,9 +331,13 @@ def start_exporter(
     full_env.update(env or {})
     proc = Proc(name, cmd, log_dir / f"{name}.log", env=full_env).start()
     exporter = Exporter(proc, port)
-    wait_http_ok(f"{exporter.url}/healthz", proc=proc)
-    if wait_first_pass:
-        exporter.scrape_when(lambda s: s.value("llm_gpu_exporter_collections_total") >= 1, what="first pass")
+    try:
+        wait_http_ok(f"{exporter.url}/healthz", proc=proc)
+        if wait_first_pass:
+            exporter.scrape_when(lambda s: s.value("llm_gpu_exporter_collections_total") >= 1, what="first pass")
+    except BaseException:
+        proc.stop()
+        raise
     return exporter
 
 

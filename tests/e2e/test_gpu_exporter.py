@@ -159,12 +159,16 @@ def cluster(logdir):
     """Fake NVML scenario + kubelet + Kubernetes API, no exporter yet."""
     scenario = NvmlScenario(logdir / "nvml.json")
     scenario.write(scenario_data())
-    kube = start_fake_kube_api(logdir, k8s_pods())
-    kubelet = start_fake_kubelet(logdir, kubelet_allocations(), ALLOCATABLE)
-    procs = [kube, kubelet]
-    yield scenario, kube, kubelet, logdir
-    for p in procs:
-        p.stop()
+    procs = []
+    try:
+        kube = start_fake_kube_api(logdir, k8s_pods())
+        procs.append(kube)
+        kubelet = start_fake_kubelet(logdir, kubelet_allocations(), ALLOCATABLE)
+        procs.append(kubelet)
+        yield scenario, kube, kubelet, logdir
+    finally:
+        for p in procs:
+            p.stop()
 
 
 @pytest.fixture
@@ -172,11 +176,13 @@ def stack(cluster):
     scenario, kube, kubelet, logdir = cluster
     exporter = start_exporter(logdir, scenario=scenario, kubelet=kubelet, kube_api=kube,
                               host_proc=fake_proc(logdir / "proc"))
-    # Wait until attribution is complete (pod watch synced, kubelet answered).
-    exporter.scrape_when(
-        lambda s: s.series("llm_gpu_up", pod="vllm-mistral-0", model="mistral-7b"), what="attributed GPU 0")
-    yield scenario, kube, kubelet, exporter
-    exporter.stop()
+    try:
+        # Wait until attribution is complete (pod watch synced, kubelet answered).
+        exporter.scrape_when(
+            lambda s: s.series("llm_gpu_up", pod="vllm-mistral-0", model="mistral-7b"), what="attributed GPU 0")
+        yield scenario, kube, kubelet, exporter
+    finally:
+        exporter.stop()
 
 
 def test_exact_values_with_pod_and_workload_labels(stack):
@@ -505,20 +511,23 @@ def test_in_cluster_https_with_ca_and_bearer_token(logdir):
     token_file.write_text("s3cret-token\n")
     scenario = NvmlScenario(logdir / "nvml.json")
     scenario.write(scenario_data())
-    kube = start_fake_kube_api(logdir, k8s_pods(), token="s3cret-token", tls=(cert, key))
-    kubelet = start_fake_kubelet(logdir, kubelet_allocations())
-    assert kube.url.startswith("https://")
-    exporter = start_exporter(logdir, scenario=scenario, kubelet=kubelet, kube_api=kube, kube_ca_file=ca,
-                              kube_token_file=token_file)
+    started = []
     try:
+        kube = start_fake_kube_api(logdir, k8s_pods(), token="s3cret-token", tls=(cert, key))
+        started.append(kube)
+        kubelet = start_fake_kubelet(logdir, kubelet_allocations())
+        started.append(kubelet)
+        assert kube.url.startswith("https://")
+        exporter = start_exporter(logdir, scenario=scenario, kubelet=kubelet, kube_api=kube, kube_ca_file=ca,
+                                  kube_token_file=token_file)
+        started.append(exporter)
         s = exporter.scrape_when(lambda s: s.series("llm_gpu_up", pod="vllm-mistral-0", model="mistral-7b"),
                                  what="labels over HTTPS")
         assert s.one("llm_gpu_exporter_collector_success", collector="kube_pods").value == 1
         assert kube.stats()["unauthorized"] == 0
     finally:
-        exporter.stop()
-        kube.stop()
-        kubelet.stop()
+        for p in reversed(started):
+            p.stop()
 
 
 def test_wrong_ca_is_a_connect_error_not_a_crash(logdir):
@@ -526,17 +535,20 @@ def test_wrong_ca_is_a_connect_error_not_a_crash(logdir):
     other = logdir / "other"
     other.mkdir()
     other_ca, _, _ = _tls_files(other)
-    kube = start_fake_kube_api(logdir, k8s_pods(), tls=(cert, key))
-    exporter = start_exporter(logdir, kube_api=kube, kube_ca_file=other_ca)
+    started = []
     try:
+        kube = start_fake_kube_api(logdir, k8s_pods(), tls=(cert, key))
+        started.append(kube)
+        exporter = start_exporter(logdir, kube_api=kube, kube_ca_file=other_ca)
+        started.append(exporter)
         s = exporter.scrape_when(
             lambda s: s.value("llm_gpu_exporter_errors_total", collector="kube_pods", kind="connect") >= 1,
             what="TLS failure counted")
         assert s.one("llm_gpu_exporter_collector_success", collector="kube_pods").value == 0
         assert s.series("llm_gpu_up")
     finally:
-        exporter.stop()
-        kube.stop()
+        for p in reversed(started):
+            p.stop()
 
 
 def test_dcgm_compatible_names(stack, logdir):
