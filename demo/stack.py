@@ -100,7 +100,9 @@ class Stack:
     def start(self) -> "Stack":
         d = self.dir
         self.collector.start()
-        common = ["--itl-ms", "8", "--max-num-seqs", "4", "--kv-cache-tokens", "16384"]
+        # Supervised, so the runtime-restart drill (POST /admin/restart)
+        # brings the runtime back, as Kubernetes would.
+        common = ["--itl-ms", "8", "--max-num-seqs", "4", "--kv-cache-tokens", "16384", "--supervise"]
         self.stable = start_sim(d, "--ttft-ms", "120", *common, name="sim-stable", port=self.port("stable"), env={"POD_NAME": "vllm-stable-0"})
         self.canary = start_sim(d, "--ttft-ms", "260", "--seed", "2", *common, name="sim-canary", port=self.port("canary"), env={"POD_NAME": "vllm-canary-0"})
         self.rag = start_sim(d, "--ttft-ms", "90", "--seed", "3", *common, name="sim-rag", port=self.port("rag"), env={"POD_NAME": "rag-api-0"})

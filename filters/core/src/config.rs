@@ -118,6 +118,11 @@ pub struct WorkloadEntry {
     /// Model assumed when the request names none.
     #[serde(default)]
     pub model: Option<String>,
+    /// Label value used instead of the route/cluster name itself, for the
+    /// long generated names of Envoy Gateway or Istio
+    /// (`httproute/llm/chat/rule/0/match/0/...` -> `chat`).
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 /// Per-label caps and the value length limit.
@@ -324,6 +329,10 @@ pub struct Config {
     pub routes: HashMap<String, Workload>,
     pub backends: HashMap<String, Workload>,
     pub defaults: Workload,
+    /// Route name -> label value, where configured.
+    pub route_labels: HashMap<String, String>,
+    /// Cluster name -> label value, where configured.
+    pub backend_labels: HashMap<String, String>,
     pub inject_include_usage: bool,
     pub max_request_buffer_bytes: usize,
     pub cache_hit_header: Option<(String, Vec<String>)>,
@@ -466,19 +475,29 @@ impl Config {
         );
 
         let defaults = workload("defaults", &raw.defaults, max_len)?;
+        if raw.defaults.label.is_some() {
+            return Err(field_err(
+                "defaults.label",
+                "only routes and backends have a label alias",
+            ));
+        }
         let mut routes = HashMap::new();
+        let mut route_labels = HashMap::new();
         for (name, entry) in &raw.routes {
-            routes.insert(
-                name.clone(),
-                workload(&format!("routes.{name}"), entry, max_len)?,
-            );
+            let field = format!("routes.{name}");
+            routes.insert(name.clone(), workload(&field, entry, max_len)?);
+            if let Some(l) = label_alias(&field, &entry.label, max_len)? {
+                route_labels.insert(name.clone(), l);
+            }
         }
         let mut backends = HashMap::new();
+        let mut backend_labels = HashMap::new();
         for (name, entry) in &raw.backends {
-            backends.insert(
-                name.clone(),
-                workload(&format!("backends.{name}"), entry, max_len)?,
-            );
+            let field = format!("backends.{name}");
+            backends.insert(name.clone(), workload(&field, entry, max_len)?);
+            if let Some(l) = label_alias(&field, &entry.label, max_len)? {
+                backend_labels.insert(name.clone(), l);
+            }
         }
 
         // Models: the configured set plus every configured default model.
@@ -628,6 +647,8 @@ impl Config {
             routes,
             backends,
             defaults,
+            route_labels,
+            backend_labels,
             inject_include_usage: usage.inject_include_usage,
             max_request_buffer_bytes: usage.max_request_buffer_bytes as usize,
             cache_hit_header,
@@ -658,6 +679,24 @@ impl Config {
             .iter()
             .find(|(p, _)| path.ends_with(p.as_bytes()))
             .map(|(p, op)| (p.as_str(), *op))
+    }
+
+    /// The `route` label input for an Envoy route name (its alias, if any).
+    pub fn route_label<'a>(&'a self, route: &'a [u8]) -> &'a [u8] {
+        std::str::from_utf8(route)
+            .ok()
+            .and_then(|r| self.route_labels.get(r))
+            .map(|l| l.as_bytes())
+            .unwrap_or(route)
+    }
+
+    /// The `backend` label input for a cluster name (its alias, if any).
+    pub fn backend_label<'a>(&'a self, cluster: &'a [u8]) -> &'a [u8] {
+        std::str::from_utf8(cluster)
+            .ok()
+            .and_then(|c| self.backend_labels.get(c))
+            .map(|l| l.as_bytes())
+            .unwrap_or(cluster)
     }
 
     /// The workload attributes for a route and backend: route entry first,
@@ -743,6 +782,18 @@ fn sanitize_list(field: &str, list: &[String], max_len: usize) -> Result<Vec<Str
         return Err(field_err(field, "at most 10000 values"));
     }
     Ok(out)
+}
+
+fn label_alias(
+    field: &str,
+    l: &Option<String>,
+    max_len: usize,
+) -> Result<Option<String>, ConfigError> {
+    match l {
+        None => Ok(None),
+        Some(v) => sanitize_list(&format!("{field}.label"), std::slice::from_ref(v), max_len)
+            .map(|mut l| l.pop()),
+    }
 }
 
 fn workload(field: &str, e: &WorkloadEntry, max_len: usize) -> Result<Workload, ConfigError> {
@@ -847,6 +898,25 @@ mod tests {
                 "tenant".into()
             ])
         );
+    }
+
+    #[test]
+    fn route_and_backend_aliases_replace_generated_names() {
+        let c = Config::parse(
+            br#"{"routes":{"httproute/llm/chat/rule/0/match/0/llm_example_com":{"label":"chat","route_class":"interactive"}},
+                 "backends":{"outbound|8000||vllm-canary.llm.svc.cluster.local":{"label":"vllm-canary"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.route_label(b"httproute/llm/chat/rule/0/match/0/llm_example_com"),
+            b"chat"
+        );
+        assert_eq!(c.route_label(b"other"), b"other");
+        assert_eq!(
+            c.backend_label(b"outbound|8000||vllm-canary.llm.svc.cluster.local"),
+            b"vllm-canary"
+        );
+        assert!(err(r#"{"routes":{"r":{"label":"a b"}}}"#).contains("`routes.r.label[0]`"));
     }
 
     #[test]

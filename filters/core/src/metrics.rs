@@ -346,7 +346,11 @@ impl Labeler {
         route_name: Option<&[u8]>,
         overflowed: &mut Vec<Dimension>,
     ) -> RequestLabels {
-        let route = self.resolve(Dimension::Route, route_name, overflowed);
+        let route = self.resolve(
+            Dimension::Route,
+            route_name.map(|r| config.route_label(r)),
+            overflowed,
+        );
         let route_str = route_name.and_then(|r| std::str::from_utf8(r).ok());
         let w = config.workload_for(route_str, None);
         RequestLabels {
@@ -373,7 +377,7 @@ impl Labeler {
     ) -> RequestLabels {
         let model = rec.request_model.as_ref().or(rec.response_model.as_ref());
         RequestLabels {
-            route: self.resolve(Dimension::Route, rec.route_name.as_deref(), overflowed),
+            route: self.resolve(Dimension::Route, rec.route_label.as_deref(), overflowed),
             tenant: self.resolve(Dimension::Tenant, rec.tenant.as_deref(), overflowed),
             model: self.resolve(Dimension::Model, model.map(|m| m.as_bytes()), overflowed),
             route_class: self.resolve(
@@ -386,7 +390,7 @@ impl Labeler {
                 rec.team.as_deref().map(str::as_bytes),
                 overflowed,
             ),
-            backend: self.resolve(Dimension::Backend, rec.cluster_name.as_deref(), overflowed),
+            backend: self.resolve(Dimension::Backend, rec.backend_label.as_deref(), overflowed),
             collection: self.resolve(
                 Dimension::Collection,
                 rec.rag_collection.as_deref().map(str::as_bytes),

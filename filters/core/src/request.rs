@@ -147,6 +147,10 @@ pub struct RequestRecord {
     pub route_name: Option<Vec<u8>>,
     /// Envoy upstream cluster name.
     pub cluster_name: Option<Vec<u8>>,
+    /// Input of the `route` label: the route's configured alias, else its name.
+    pub route_label: Option<Vec<u8>>,
+    /// Input of the `backend` label: the cluster's configured alias, else its name.
+    pub backend_label: Option<Vec<u8>>,
     pub tenant: Option<Vec<u8>>,
     /// Model named by the request, else the configured default.
     pub request_model: Option<String>,
@@ -629,6 +633,12 @@ impl RequestObserver {
             first_token_ns: stream.first_content_ns,
             last_token_ns: stream.last_content_ns,
             status: self.status,
+            route_label: route_name
+                .as_deref()
+                .map(|r| config.route_label(r).to_vec()),
+            backend_label: cluster_name
+                .as_deref()
+                .map(|c| config.backend_label(c).to_vec()),
             route_name,
             cluster_name,
             tenant: self.tenant.clone(),
