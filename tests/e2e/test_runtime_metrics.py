@@ -249,10 +249,8 @@ def _burst_and_compare(sim, exporter, envoy):
         what="the finished burst exported",
     )
     assert exported(s, "llm_runtime_queue_time_seconds_count") == own.value("vllm:request_queue_time_seconds_count")
-    # The sum is equal up to float rounding only: the exporter adds up the
-    # increases it saw (a + (b - a) may differ from b in the last bit).
-    assert math.isclose(exported(s, "llm_runtime_queue_time_seconds_sum"),
-                        own.value("vllm:request_queue_time_seconds_sum"), rel_tol=1e-12, abs_tol=0)
+    # Exactly equal: between resets the exporter serves the runtime's own value.
+    assert exported(s, "llm_runtime_queue_time_seconds_sum") == own.value("vllm:request_queue_time_seconds_sum")
     ours = buckets(s, "llm_runtime_queue_time_seconds_bucket", pod=POD)
     theirs = buckets(own, "vllm:request_queue_time_seconds_bucket")
     assert ours == theirs

@@ -14,25 +14,28 @@ use std::collections::BTreeMap;
 use crate::normalize::{CounterKind, HistogramKind, NormHistogram, Normalized, Outcome, Runtime};
 
 /// One monotonic counter built from raw samples.
+///
+/// Exported as `base + raw`, where `base` only changes at a reset (it absorbs
+/// the last value before the reset). Between resets the exported value is the
+/// runtime's own value exactly, with no floating-point drift from summing
+/// deltas.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Acc {
     last_raw: f64,
-    total: f64,
+    base: f64,
 }
 
 impl Acc {
     fn update(&mut self, raw: f64, reset: bool) {
-        let delta = if reset || raw < self.last_raw {
-            raw
-        } else {
-            raw - self.last_raw
-        };
-        self.total += delta.max(0.0);
+        let raw = raw.max(0.0);
+        if reset || raw < self.last_raw {
+            self.base += self.last_raw;
+        }
         self.last_raw = raw;
     }
 
     pub fn total(&self) -> f64 {
-        self.total
+        self.base + self.last_raw
     }
 }
 
@@ -148,6 +151,19 @@ impl Accumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exported_value_equals_the_raw_value_exactly_between_resets() {
+        let mut a = Acc::default();
+        for raw in [0.118, 1.8, 2.9000000000000004, 10.768221] {
+            a.update(raw, false);
+            assert_eq!(a.total(), raw, "no drift from summing deltas");
+        }
+        a.update(0.5, false); // went down: a restart
+        assert_eq!(a.total(), 10.768221 + 0.5);
+        a.update(0.25, true); // start time changed: a restart even if lower values look fine
+        assert_eq!(a.total(), 10.768221 + 0.5 + 0.25);
+    }
 
     fn norm(gen: f64, start: Option<f64>) -> Normalized {
         Normalized {
