@@ -17,7 +17,6 @@ makes a same-moment comparison of both views possible without racing.
 
 from __future__ import annotations
 
-import math
 import threading
 
 import pytest
