@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -450,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{opts.llm_sim} missing", file=sys.stderr)
         return 2
     sse_binary = build_sse_upstream(target_dir() / "gateway-bench")
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "filters"], capture_output=True, text=True
+    ).stdout.strip()
     now = dt.datetime.now()
     meta = {
         "mode": "quick" if opts.quick else ("profile" if opts.profile else "full"),
@@ -459,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         "envoy": envoy_version(),
         "wasm": wasm.name,
         "wasm_bytes": wasm.stat().st_size,
+        "wasm_sha256": hashlib.sha256(wasm.read_bytes()).hexdigest()[:12],
+        "filter_commit": commit or "unknown",
         "load_start": loadavg(),
     }
     print(
@@ -471,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     upstreams: list[Upstream] = []
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        # Every proxy of the run loads this copy: a rebuild of the filter
+        # during the run must not put two builds into one report.
+        stack.WASM = tmp / wasm.name
+        shutil.copyfile(wasm, stack.WASM)
         try:
             by_key: dict[str, Upstream] = {}
             sim = None
