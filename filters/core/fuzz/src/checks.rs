@@ -26,8 +26,8 @@ use tokentap_core::config::{Config, ConfigError, TenantSource};
 use tokentap_core::host::HttpView;
 use tokentap_core::inject::with_include_usage;
 use tokentap_core::json_scan::{
-    Container, JsonScanner, JsonVisitor, Path, Scalar, ScanError, ScanStatus, Segment,
-    MAX_DEPTH, MAX_KEY_LEN, MAX_TRACKED_DEPTH, MAX_VALUE_PREFIX,
+    Container, JsonScanner, JsonVisitor, Path, Scalar, ScanError, ScanStatus, Segment, MAX_DEPTH,
+    MAX_KEY_LEN, MAX_TRACKED_DEPTH, MAX_VALUE_PREFIX,
 };
 use tokentap_core::labels::{
     sanitize, Admission, Dimension, LabelTable, LocalAdmission, OVERFLOW, OVERFLOW_ID, UNKNOWN,
@@ -39,8 +39,8 @@ use tokentap_core::openai::{
 };
 use tokentap_core::rag::{RagSignals, ERROR_REASONS, EVALUATIONS};
 use tokentap_core::trace::context::{
-    format_traceparent, parse_traceparent, parse_tracestate, TRACEPARENT_LEN,
-    TRACESTATE_MAX_BYTES, TRACESTATE_MAX_MEMBERS,
+    format_traceparent, parse_traceparent, parse_tracestate, TRACEPARENT_LEN, TRACESTATE_MAX_BYTES,
+    TRACESTATE_MAX_MEMBERS,
 };
 use tokentap_core::trace::{SpanContext, SpanId, TraceFlags, TraceId};
 
@@ -92,6 +92,11 @@ pub mod known_issues {
     /// inserts a second `stream_options` member in front; JSON parsers keep
     /// the last duplicate, so the upstream never sees `include_usage: true`.
     pub const STREAM_OPTIONS_NOT_OBJECT: bool = true;
+
+    /// `Config::compile` refuses `?` in an `llm_paths` entry but accepts `#`,
+    /// while `Config::match_path` cuts request paths at the first `#`: such
+    /// a configured path is accepted and can never match any request.
+    pub const LLM_PATH_WITH_FRAGMENT: bool = true;
 }
 
 macro_rules! ensure {
@@ -142,13 +147,18 @@ pub fn chunks_at<'a>(payload: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     out
 }
 
+/// Payloads up to this size are also fed one byte at a time; longer ones in
+/// 7-byte pieces, which keeps huge inputs from dominating fuzzing time.
+const BYTEWISE_MAX: usize = 4096;
+
 /// The three chunkings every streaming check compares: whole, fuzzer-chosen
-/// split points, one byte at a time.
+/// split points, and tiny pieces (one byte each for all but huge payloads).
 fn chunkings<'a>(payload: &'a [u8], cuts: &[usize]) -> [(&'static str, Vec<&'a [u8]>); 3] {
+    let piece = if payload.len() <= BYTEWISE_MAX { 1 } else { 7 };
     [
         ("whole", vec![payload]),
         ("split", chunks_at(payload, cuts)),
-        ("bytewise", payload.chunks(1).collect()),
+        ("pieces", payload.chunks(piece).collect()),
     ]
 }
 
@@ -510,9 +520,7 @@ fn compare_with_reference(scanned: &[ScanEvent], reference: &RefDoc) -> CheckRes
     );
     for (i, (got, want)) in scanned.iter().zip(&reference.events).enumerate() {
         let ok = match (got, want) {
-            (ScanEvent::Enter(p, k), RefEvent::Enter(rp, rk)) => {
-                *p == visible_path(rp) && k == rk
-            }
+            (ScanEvent::Enter(p, k), RefEvent::Enter(rp, rk)) => *p == visible_path(rp) && k == rk,
             (ScanEvent::Str(p, prefix, len), RefEvent::Scalar(rp, RefValue::Str(s))) => {
                 *p == visible_path(rp) && prefix == reported_prefix(s) && *len == s.len()
             }
@@ -565,7 +573,12 @@ fn ref_str_kept(value: &RefValue) -> Option<String> {
 /// Applies a `usage.*` scalar as `Usage::absorb` does; `Err` when a float
 /// makes the field incomparable, `Ok(false)` when the path is not a usage
 /// field.
-fn ref_absorb(usage: &mut Usage, path: &[RefSeg], prefix: &[&str], value: &RefValue) -> Result<bool, ()> {
+fn ref_absorb(
+    usage: &mut Usage,
+    path: &[RefSeg],
+    prefix: &[&str],
+    value: &RefValue,
+) -> Result<bool, ()> {
     if path.len() < prefix.len() + 1 || !visible_path(path).complete {
         return Ok(false);
     }
@@ -675,7 +688,11 @@ pub fn check_json_scan(data: &[u8]) -> CheckResult {
     check_response_reader(payload, &cuts, reference.as_ref())
 }
 
-fn check_response_reader(payload: &[u8], cuts: &[usize], reference: Option<&RefDoc>) -> CheckResult {
+fn check_response_reader(
+    payload: &[u8],
+    cuts: &[usize],
+    reference: Option<&RefDoc>,
+) -> CheckResult {
     let mut results: Vec<(&str, (ResponseFacts, ScanStatus))> = Vec::new();
     for (name, chunks) in chunkings(payload, cuts) {
         let mut reader = JsonResponseReader::default();
@@ -770,7 +787,11 @@ pub fn check_request_body(data: &[u8]) -> CheckResult {
         );
     }
     check_label("request model", facts.model.as_deref(), 64)?;
-    check_label("request rag_collection", facts.rag_collection.as_deref(), 64)?;
+    check_label(
+        "request rag_collection",
+        facts.rag_collection.as_deref(),
+        64,
+    )?;
 
     let reference = reference_json(payload);
     if let Some(doc) = &reference {
@@ -960,7 +981,11 @@ fn reference_sse(payload: &[u8]) -> RefSse {
             }
             b'\r' => {
                 lines.push(&bytes[start..i]);
-                i += if bytes.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                i += if bytes.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
                 start = i;
             }
             _ => i += 1,
@@ -1136,7 +1161,10 @@ fn compare_stream_semantics(facts: &StreamFacts, reference: &RefSse) -> CheckRes
         .iter()
         .filter(|e| e.data_lines > 0 && !e.is_done)
         .collect();
-    let docs: Vec<Option<RefDoc>> = data_events.iter().map(|e| reference_json(&e.data)).collect();
+    let docs: Vec<Option<RefDoc>> = data_events
+        .iter()
+        .map(|e| reference_json(&e.data))
+        .collect();
     let valid = docs.iter().filter(|d| d.is_some()).count() as u64;
     ensure!(
         facts.malformed_events <= data_events.len() as u64 - valid,
@@ -1144,11 +1172,7 @@ fn compare_stream_semantics(facts: &StreamFacts, reference: &RefSse) -> CheckRes
         facts.malformed_events,
         data_events.len()
     );
-    let ref_content = docs
-        .iter()
-        .flatten()
-        .filter(|d| ref_has_content(d))
-        .count() as u64;
+    let ref_content = docs.iter().flatten().filter(|d| ref_has_content(d)).count() as u64;
     ensure!(
         facts.content_events >= ref_content,
         "StreamReader: {} content events, serde_json reference finds {ref_content}",
@@ -1326,6 +1350,9 @@ pub fn check_plugin_config(data: &[u8]) -> CheckResult {
         );
     }
     for (path, op) in &config.llm_paths {
+        if known_issues::LLM_PATH_WITH_FRAGMENT && path.contains('#') {
+            continue;
+        }
         ensure!(
             path.starts_with('/') && !path.contains('?') && path.len() <= 256,
             "config: accepted llm path {path:?}"
@@ -1382,7 +1409,11 @@ pub fn check_plugin_config(data: &[u8]) -> CheckResult {
     for (route, w) in &config.routes {
         let resolved = config.workload_for(Some(route), None);
         for (got, own, default) in [
-            (&resolved.route_class, &w.route_class, &config.defaults.route_class),
+            (
+                &resolved.route_class,
+                &w.route_class,
+                &config.defaults.route_class,
+            ),
             (&resolved.team, &w.team, &config.defaults.team),
             (&resolved.model, &w.model, &config.defaults.model),
         ] {
@@ -1400,7 +1431,10 @@ pub fn check_plugin_config(data: &[u8]) -> CheckResult {
     }
     ensure!(
         !config.rag_header_prefix.is_empty()
-            && !config.rag_header_prefix.bytes().any(|b| b.is_ascii_uppercase()),
+            && !config
+                .rag_header_prefix
+                .bytes()
+                .any(|b| b.is_ascii_uppercase()),
         "config: rag header prefix {:?}",
         config.rag_header_prefix
     );
@@ -1514,8 +1548,7 @@ pub fn check_trace_context(data: &[u8]) -> CheckResult {
             Ok(ctx) => ensure!(
                 ctx.trace_id == trace_id
                     && ctx.span_id == span_id
-                    && ctx.trace_state
-                        == tracestate.and_then(parse_tracestate).unwrap_or_default(),
+                    && ctx.trace_state == tracestate.and_then(parse_tracestate).unwrap_or_default(),
                 "SpanContext::from_headers disagrees with the parts: {ctx:?}"
             ),
             Err(e) => return Err(format!("SpanContext::from_headers failed: {e}")),
@@ -1532,7 +1565,9 @@ pub fn check_trace_context(data: &[u8]) -> CheckResult {
             ensure!(
                 !state.is_empty()
                     && state.len() <= TRACESTATE_MAX_BYTES
-                    && state.bytes().all(|b| (0x20..=0x7e).contains(&b) || b == b'\t'),
+                    && state
+                        .bytes()
+                        .all(|b| (0x20..=0x7e).contains(&b) || b == b'\t'),
                 "tracestate kept {state:?}"
             );
             ensure!(
@@ -1647,10 +1682,7 @@ pub fn check_rag_headers(data: &[u8]) -> CheckResult {
         collection: get("collection").and_then(|v| sanitize(v, 64)),
         parse_errors,
     };
-    ensure!(
-        s == expected,
-        "RagSignals {s:?}, reference {expected:?}"
-    );
+    ensure!(s == expected, "RagSignals {s:?}, reference {expected:?}");
     ensure!(
         s.evaluation
             .is_none_or(|e| e == OVERFLOW || EVALUATIONS.contains(&e)),
@@ -1658,7 +1690,8 @@ pub fn check_rag_headers(data: &[u8]) -> CheckResult {
         s.evaluation
     );
     ensure!(
-        s.error.is_none_or(|e| e == OVERFLOW || ERROR_REASONS.contains(&e)),
+        s.error
+            .is_none_or(|e| e == OVERFLOW || ERROR_REASONS.contains(&e)),
         "error {:?}",
         s.error
     );
@@ -1708,7 +1741,10 @@ pub fn check_rag_headers(data: &[u8]) -> CheckResult {
         );
         let value = table.value(first.id);
         match &clean {
-            None => ensure!(first.id == UNKNOWN_ID && value == UNKNOWN, "absent value not unknown"),
+            None => ensure!(
+                first.id == UNKNOWN_ID && value == UNKNOWN,
+                "absent value not unknown"
+            ),
             Some(c) => ensure!(
                 (first.id == OVERFLOW_ID && first.overflowed) || value == c,
                 "label table resolved {c:?} to {value:?}"
