@@ -403,10 +403,10 @@ impl Config {
                     operation.unwrap_or_else(|| Operation::infer(path)),
                 ),
             };
-            if !path.starts_with('/') || path.contains('?') || path.len() > 256 {
+            if !path.starts_with('/') || path.contains(['?', '#']) || path.len() > 256 {
                 return Err(field_err(
                     format!("llm_paths[{i}]"),
-                    "must be a path starting with `/`, without a query string",
+                    "must be a path starting with `/`, without a query string or fragment",
                 ));
             }
             llm_paths.push((path, op));
@@ -852,6 +852,7 @@ mod tests {
             .contains("`tracing.sample_ratio`"));
         assert!(err(r#"{"routes":{"chat":{"team":"a b"}}}"#).contains("`routes.chat.team[0]`"));
         assert!(err(r#"{"llm_paths":["v1/x"]}"#).contains("`llm_paths[0]`"));
+        assert!(err(r#"{"llm_paths":["/v1/chat#x"]}"#).contains("`llm_paths[0]`"));
         assert!(err(r#"{"unknown_knob":1}"#).contains("unknown_knob"));
         assert!(err(r#"{"routes":{"chat":{"tem":"a"}}}"#).contains("routes.chat"));
         assert!(err("{").contains("not valid JSON"));

@@ -79,6 +79,21 @@ mod tests {
         assert_eq!(out["stream_options"]["continuous_usage_stats"], json!(true));
         let out = parse(&with_include_usage(br#"{"stream_options":null}"#, true).unwrap());
         assert_eq!(out["stream_options"]["include_usage"], json!(true));
+        // The reader reports a non-object `stream_options` as present, so the
+        // rewrite replaces it instead of adding a duplicate member.
+        for body in [
+            &br#"{"stream":true,"stream_options":null}"#[..],
+            br#"{"stream":true,"stream_options":[1]}"#,
+        ] {
+            let mut reader = crate::openai::RequestReader::new(None, None);
+            reader.feed(body);
+            let (facts, _) = reader.finish();
+            assert!(facts.has_stream_options);
+            let out = with_include_usage(body, facts.has_stream_options).unwrap();
+            let text = String::from_utf8(out.clone()).unwrap();
+            assert_eq!(text.matches("stream_options").count(), 1, "{text}");
+            assert_eq!(parse(&out)["stream_options"]["include_usage"], json!(true));
+        }
     }
 
     #[test]

@@ -129,6 +129,10 @@ impl JsonVisitor for RequestVisitor<'_> {
                 Scalar::Bool(b) => Some(b),
                 _ => None,
             };
+        } else if path.matches(&["stream_options"]) {
+            // `stream_options: null` (or any non-object) still exists: the
+            // usage rewrite must replace it, not add a duplicate member.
+            self.facts.has_stream_options = true;
         } else if path.matches(&["stream_options", "include_usage"]) {
             self.facts.include_usage = match value {
                 Scalar::Bool(b) => Some(b),
@@ -145,8 +149,8 @@ impl JsonVisitor for RequestVisitor<'_> {
         }
     }
 
-    fn enter(&mut self, path: &Path<'_>, kind: Container) {
-        if kind == Container::Object && path.matches(&["stream_options"]) {
+    fn enter(&mut self, path: &Path<'_>, _kind: Container) {
+        if path.matches(&["stream_options"]) {
             self.facts.has_stream_options = true;
         }
     }
