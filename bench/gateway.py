@@ -21,7 +21,7 @@ Scenarios:
             the filter is called for, each event on its own
 
 Usage:
-  python bench/gateway.py --quick       # smoke check (~40 s): exits 0 and prints the table
+  python bench/gateway.py --quick       # smoke check (~30 s): exits 0 and prints the table
   python bench/gateway.py               # full run, about 5 minutes
   python bench/gateway.py --profile     # adds filter-on variants that skip work: a
                                         # non-LLM path, a route with the filter disabled,
@@ -452,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sse_binary = build_sse_upstream(target_dir() / "gateway-bench")
     commit = subprocess.run(
-        ["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "filters"], capture_output=True, text=True
+        ["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "filters/core/src", "filters/wasm/src"],
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     now = dt.datetime.now()
     meta = {
@@ -462,9 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_model": cpu_model(),
         "envoy": envoy_version(),
         "wasm": wasm.name,
-        "wasm_bytes": wasm.stat().st_size,
-        "wasm_sha256": hashlib.sha256(wasm.read_bytes()).hexdigest()[:12],
         "filter_commit": commit or "unknown",
+        "wasm_stale": bool(newer),
         "load_start": loadavg(),
     }
     print(
@@ -481,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         # during the run must not put two builds into one report.
         stack.WASM = tmp / wasm.name
         shutil.copyfile(wasm, stack.WASM)
+        meta["wasm_bytes"] = stack.WASM.stat().st_size
+        meta["wasm_sha256"] = hashlib.sha256(stack.WASM.read_bytes()).hexdigest()[:12]
         try:
             by_key: dict[str, Upstream] = {}
             sim = None

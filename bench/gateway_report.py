@@ -115,7 +115,8 @@ def render(results: list[ScenarioResult], opts, meta: dict) -> str:
     out.append(
         f"{meta['cpus']} CPUs ({meta['cpu_model']}), shared with other work. Envoy {meta['envoy']}; the proxy "
         f"under test runs `--concurrency 1`. Filter `{meta['wasm']}`: {meta['wasm_bytes']:,} bytes, sha256 "
-        f"{meta['wasm_sha256']}…, last commit touching `filters/`: {meta['filter_commit']}. "
+        f"{meta['wasm_sha256']}…, last commit touching the filter's sources: {meta['filter_commit']}"
+        f"{' (**the .wasm is older than those sources**)' if meta['wasm_stale'] else ''}. "
         f"wrk 1 thread; per variant and connection count a {opts.warmup} s warm-up (discarded), then "
         f"{opts.reps} measured {runs_word} of {opts.duration} s, variants alternating A B / B A. "
         f"1-min load average {meta['load_start']:.2f} at start, {meta['load_end']:.2f} at end."
