@@ -358,6 +358,8 @@ def check_filter_worked(
             )
             if delta["spans_exported"] < sent:
                 result.problems.append(f"{key}: fewer spans exported than requests completed")
+            if delta["spans_dropped"]:
+                result.problems.append(f"{key}: the filter dropped spans")
     if sink is not None:
         result.checks.append(
             f"OTLP sink: {sink.requests} exports, {sink.spans} spans, {sink.bytes / 1e6:.1f} MB, {sink.bad} undecodable"
