@@ -128,50 +128,47 @@ fn split_input_reads_the_header() {
     assert_eq!(payload, b"\x05");
 }
 
-// Known defects the fuzzer found in tokentap-core. The checks skip them
-// (`checks::known_issues`) so fuzzing can go on; these are their minimal
-// reproducers. Run with `cargo test -p tokentap-core --test fuzz_corpus --
-// --ignored`; once a fix lands, drop the `#[ignore]` and set the flag in
-// `known_issues` to `false`.
+// Defects the fuzz checks found in tokentap-core (fixed in f3abb18); their
+// minimal reproducers stay as regression tests.
 
-/// `stream_options: null` (or any non-object) is not seen as stream options,
-/// so the rewrite inserts a second `stream_options` member in front; JSON
-/// readers keep the last duplicate and the upstream never sees
-/// `include_usage: true`, although the filter counts the request as injected.
+/// `stream_options: null` (or any non-object) must be replaced by the
+/// `include_usage` rewrite, not duplicated: JSON readers keep the last
+/// duplicate, so the upstream would never see `include_usage: true`.
 #[test]
-#[ignore = "known tokentap-core bug: inject::with_include_usage duplicates a non-object stream_options"]
-fn known_issue_non_object_stream_options_is_duplicated() {
+fn non_object_stream_options_is_replaced_not_duplicated() {
     use tokentap_core::inject::with_include_usage;
     use tokentap_core::openai::RequestReader;
 
-    let body = br#"{"stream":true,"stream_options":null}"#;
-    let mut reader = RequestReader::new(None, None);
-    reader.feed(body);
-    let (facts, _) = reader.finish();
-    let out = with_include_usage(body, facts.has_stream_options).expect("an object body");
-    let value: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
-    assert_eq!(
-        value["stream_options"]["include_usage"],
-        serde_json::Value::Bool(true),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
+    for body in [
+        &br#"{"stream":true,"stream_options":null}"#[..],
+        br#"{"stream":true,"stream_options":[]}"#,
+        br#"{"stream_options":1,"stream":true}"#,
+    ] {
+        let mut reader = RequestReader::new(None, None);
+        reader.feed(body);
+        let (facts, _) = reader.finish();
+        let out = with_include_usage(body, facts.has_stream_options).expect("an object body");
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("stream_options").count(), 1, "{text}");
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+        assert_eq!(
+            value["stream_options"]["include_usage"],
+            serde_json::Value::Bool(true),
+            "{text}"
+        );
+    }
 }
 
-/// An `llm_paths` entry with `#` is accepted, but request paths are cut at
-/// `#` before matching, so it can never match: it should be refused at load
-/// time like a `?`.
+/// An `llm_paths` entry with `#` could never match (request paths are cut at
+/// `#`), so it must be refused at load time like a `?`.
 #[test]
-#[ignore = "known tokentap-core bug: config accepts llm_paths that can never match"]
-fn known_issue_llm_path_with_fragment_never_matches() {
+fn llm_path_with_fragment_is_refused() {
     use tokentap_core::config::Config;
 
-    if let Ok(config) = Config::parse(br#"{"llm_paths":["/v1/chat#x"]}"#) {
-        for (path, _) in &config.llm_paths {
-            assert!(
-                config.match_path(path.as_bytes()).is_some(),
-                "accepted llm path {path:?} matches no request path"
-            );
-        }
-    }
+    let parsed = Config::parse(br#"{"llm_paths":["/v1/chat#x"]}"#);
+    assert!(
+        parsed.is_err(),
+        "accepted: {:?}",
+        parsed.map(|c| c.llm_paths)
+    );
 }

@@ -38,6 +38,7 @@ use tokentap_core::openai::{
     Usage,
 };
 use tokentap_core::rag::{RagSignals, ERROR_REASONS, EVALUATIONS};
+use tokentap_core::sse::{DataSink, EventMeta, SseFramer};
 use tokentap_core::trace::context::{
     format_traceparent, parse_traceparent, parse_tracestate, TRACEPARENT_LEN, TRACESTATE_MAX_BYTES,
     TRACESTATE_MAX_MEMBERS,
@@ -81,23 +82,6 @@ pub const TARGETS: &[Target] = &[
         check: check_rag_headers,
     },
 ];
-
-/// Known defects in `tokentap-core` that the checks detect but do not fail
-/// on, so fuzzing can keep exploring while the fix is pending. Each has a
-/// reproducer (an ignored test in `tests/fuzz_corpus.rs`) and an entry in
-/// `docs/fuzzing.md`; flip it to `false` once fixed.
-pub mod known_issues {
-    /// `with_include_usage(body, false)` on a body whose top-level
-    /// `stream_options` is present but not an object (`null`, `[]`, `1`)
-    /// inserts a second `stream_options` member in front; JSON parsers keep
-    /// the last duplicate, so the upstream never sees `include_usage: true`.
-    pub const STREAM_OPTIONS_NOT_OBJECT: bool = true;
-
-    /// `Config::compile` refuses `?` in an `llm_paths` entry but accepts `#`,
-    /// while `Config::match_path` cuts request paths at the first `#`: such
-    /// a configured path is accepted and can never match any request.
-    pub const LLM_PATH_WITH_FRAGMENT: bool = true;
-}
 
 macro_rules! ensure {
     ($cond:expr, $($arg:tt)+) => {
@@ -823,7 +807,9 @@ fn reference_request_facts(doc: &RefDoc) -> Option<RequestFacts> {
     let mut f = RequestFacts::default();
     for event in &doc.events {
         match event {
-            RefEvent::Enter(path, Container::Object) if ref_path_is(path, &["stream_options"]) => {
+            // Any top-level `stream_options` member counts, whatever its
+            // type: the rewrite must replace it rather than add a second one.
+            RefEvent::Enter(path, _) if ref_path_is(path, &["stream_options"]) => {
                 f.has_stream_options = true;
             }
             RefEvent::Enter(..) => {}
@@ -834,6 +820,8 @@ fn reference_request_facts(doc: &RefDoc) -> Option<RequestFacts> {
                 };
                 if ref_path_is(path, &["model"]) {
                     f.model = ref_str_kept(value);
+                } else if ref_path_is(path, &["stream_options"]) {
+                    f.has_stream_options = true;
                 } else if ref_path_is(path, &["stream"]) {
                     f.stream = as_bool;
                 } else if ref_path_is(path, &["stream_options", "include_usage"]) {
@@ -880,12 +868,6 @@ fn check_include_usage(body: &[u8], has_stream_options: bool, out: Option<&[u8]>
     else {
         return Ok(());
     };
-    if !has_stream_options
-        && known_issues::STREAM_OPTIONS_NOT_OBJECT
-        && before.contains_key("stream_options")
-    {
-        return Ok(());
-    }
     let Some(out) = out else {
         return Err("include_usage: None for a JSON object body".into());
     };
@@ -1071,6 +1053,81 @@ fn canonical_sse(events: &[RefSseEvent]) -> Vec<u8> {
     out
 }
 
+/// Collects whole events from an [`SseFramer`] (the filter never does this;
+/// here it makes the streamed data bytes comparable).
+#[derive(Debug, Default, PartialEq)]
+struct FramedEvents {
+    current: Vec<u8>,
+    events: Vec<(EventMeta, Vec<u8>)>,
+    comments: u64,
+    data_len_mismatch: bool,
+}
+
+impl DataSink for FramedEvents {
+    fn data(&mut self, bytes: &[u8]) {
+        self.current.extend_from_slice(bytes);
+    }
+    fn dispatch(&mut self, event: &EventMeta) {
+        let data = std::mem::take(&mut self.current);
+        self.data_len_mismatch |= event.data_len != data.len();
+        self.events.push((event.clone(), data));
+    }
+    fn comment(&mut self) {
+        self.comments += 1;
+    }
+}
+
+/// `SseFramer` on its own: every chunking dispatches exactly the reference
+/// framer's events, data bytes included.
+fn check_framer(payload: &[u8], cuts: &[usize], reference: &RefSse) -> CheckResult {
+    let expected: Vec<(EventMeta, Vec<u8>)> = reference
+        .events
+        .iter()
+        .map(|e| {
+            let meta = EventMeta {
+                name: e
+                    .name
+                    .as_ref()
+                    .filter(|n| !n.is_empty())
+                    .map(|n| String::from_utf8_lossy(n).into_owned()),
+                data_len: e.data.len(),
+                data_lines: e.data_lines,
+                is_done: e.is_done,
+            };
+            (meta, e.data.clone())
+        })
+        .collect();
+    for (name, chunks) in chunkings(payload, cuts) {
+        let mut framer = SseFramer::new();
+        let mut sink = FramedEvents::default();
+        for chunk in &chunks {
+            framer.feed(chunk, &mut sink);
+        }
+        ensure!(
+            framer.bytes() == payload.len() as u64 && framer.events() == expected.len() as u64,
+            "SseFramer ({name}): {} bytes, {} events counted",
+            framer.bytes(),
+            framer.events()
+        );
+        let partial = framer.finish();
+        ensure!(
+            !sink.data_len_mismatch,
+            "SseFramer ({name}): EventMeta.data_len differs from the data streamed"
+        );
+        ensure!(
+            sink.events == expected && sink.comments == reference.comments,
+            "SseFramer ({name}) differs from the reference framer: {:?} vs {expected:?}",
+            sink.events
+        );
+        ensure!(
+            partial == reference.partial && !framer.has_partial_event(),
+            "SseFramer ({name}): partial {partial}, reference {}",
+            reference.partial
+        );
+    }
+    Ok(())
+}
+
 fn run_stream(chunks: &[&[u8]], timestamps: bool) -> ((StreamFacts, bool), (StreamFacts, bool)) {
     let mut reader = StreamReader::default();
     for (i, chunk) in chunks.iter().enumerate() {
@@ -1126,6 +1183,7 @@ pub fn check_sse_stream(data: &[u8]) -> CheckResult {
 
     // Framing against the whole-buffer reference.
     let reference = reference_sse(payload);
+    check_framer(payload, &cuts, &reference)?;
     ensure!(
         facts.events == reference.events.len() as u64
             && facts.comments == reference.comments
@@ -1350,9 +1408,6 @@ pub fn check_plugin_config(data: &[u8]) -> CheckResult {
         );
     }
     for (path, op) in &config.llm_paths {
-        if known_issues::LLM_PATH_WITH_FRAGMENT && path.contains('#') {
-            continue;
-        }
         ensure!(
             path.starts_with('/') && !path.contains('?') && path.len() <= 256,
             "config: accepted llm path {path:?}"
