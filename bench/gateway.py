@@ -213,7 +213,7 @@ def proxy_edit(with_filter: bool, tracing_port: int | None = None, filter_state:
             stack.add_cluster(config, "otel_sink", tracing_port)
             plugin["tracing"] = {"cluster": "otel_sink", "authority": "otel-collector", "sample_ratio": 1.0}
         if not filter_state:
-            plugin["filter_state"] = False
+            plugin["filter_state"] = "off"
         stack.set_plugin_config(config, plugin)
 
     return edit

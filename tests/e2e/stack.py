@@ -122,7 +122,8 @@ class Envoy:
 
     def access_log_entries(self, at_least: int, timeout: float = 10.0) -> list[dict]:
         """JSON access-log entries, once at least `at_least` were written
-        (Envoy flushes access logs on a timer)."""
+        (Envoy flushes access logs on a timer), with the filter's summary
+        object merged into each entry."""
 
         def read():
             try:
@@ -130,6 +131,11 @@ class Envoy:
             except FileNotFoundError:
                 return None
             entries = [json.loads(l) for l in lines if l.strip()]
+            for e in entries:
+                # The filter's summary object (filter state `wasm.tokentap`).
+                state = e.pop("tokentap", None)
+                if state:
+                    e.update(json.loads(state))
             return entries if len(entries) >= at_least else None
 
         return wait_until(read, timeout=timeout, what=f"{at_least} access-log entries")

@@ -213,15 +213,15 @@ def test_known_mix_gives_exact_counts_tokens_and_label_sets(gateway):
     assert len(llm) == sum(truth.requests.values())
     for e in llm:
         assert e["model"] == "mistral-7b" and e["team"] == "platform-ai"
-        if e["streamed"] == "true":
+        if e["streamed"] is True:
             ttft = int(e["ttft_ms"])
             assert TTFT_MS <= ttft <= TTFT_MS + 10, e
             assert int(e["ttfb_ms"]) < ttft, "first byte (headers) precedes the first token"
             assert ITL_MS - 1 <= int(e["tpot_ms"]) <= ITL_MS + 3, e
         else:
-            assert e["ttft_ms"] is None
+            assert "ttft_ms" not in e
     models_line = [e for e in log if e["path"] == "/v1/models"][0]
-    assert models_line["model"] is None, "non-LLM traffic gets no tokentap state"
+    assert "model" not in models_line, "non-LLM traffic gets no tokentap state"
 
 
 def test_first_token_timing_matches_the_client_view(gateway):

@@ -292,13 +292,24 @@ pub struct RawConfig {
     pub rag: RagConfig,
     #[serde(default)]
     pub tracing: TracingConfig,
-    /// Write per-request values to filter state for access logs / tracing.
-    #[serde(default = "default_true")]
-    pub filter_state: bool,
+    /// How per-request values are published as Envoy filter state for access
+    /// logs and tracing.
+    #[serde(default)]
+    pub filter_state: FilterStateMode,
 }
 
-fn default_true() -> bool {
-    true
+/// Filter-state publishing. Each filter-state write is a host call that
+/// allocates an object inside Envoy, so the default writes one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterStateMode {
+    /// Nothing is written.
+    Off,
+    /// One key, `wasm.tokentap`, holding a JSON object of every value.
+    #[default]
+    Summary,
+    /// One key per value, `wasm.tokentap.<name>` (about 20 writes per request).
+    Fields,
 }
 
 /// Tenant source after validation.
@@ -342,7 +353,7 @@ pub struct Config {
     pub rag_top_k_field: Option<Vec<String>>,
     pub rag_header_prefix: String,
     pub tracing: Option<TracingConfig>,
-    pub filter_state: bool,
+    pub filter_state: FilterStateMode,
 }
 
 impl Config {

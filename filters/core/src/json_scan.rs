@@ -33,7 +33,9 @@ pub enum Segment<'a> {
 /// The path of the value being reported, outermost first.
 #[derive(Clone, Copy, Debug)]
 pub struct Path<'a> {
-    segments: &'a [SegmentBuf],
+    segments: &'a [SegmentMeta],
+    /// The key bytes of every tracked segment, back to back.
+    keys: &'a [u8],
     /// False when the value sits deeper than [`MAX_TRACKED_DEPTH`] or under an
     /// over-long key, so its path cannot be trusted for matching.
     pub complete: bool,
@@ -49,7 +51,29 @@ impl<'a> Path<'a> {
     }
 
     pub fn get(&self, i: usize) -> Option<Segment<'a>> {
-        self.segments.get(i).map(SegmentBuf::as_segment)
+        self.segments.get(i).map(|m| m.as_segment(self.keys))
+    }
+
+    /// The key at position `i`, if that segment is a key.
+    pub fn key(&self, i: usize) -> Option<&'a [u8]> {
+        match self.get(i) {
+            Some(Segment::Key(k)) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Whether the segment at position `i` is an array element.
+    pub fn is_index(&self, i: usize) -> bool {
+        matches!(self.get(i), Some(Segment::Index))
+    }
+
+    /// The first key of the path, if it starts with a key (cheap pre-filter
+    /// before matching full patterns).
+    pub fn first_key(&self) -> Option<&'a [u8]> {
+        match self.get(0) {
+            Some(Segment::Key(k)) => Some(k),
+            _ => None,
+        }
     }
 
     /// True when the path is exactly `pattern`, where `"[]"` matches an array
@@ -62,7 +86,7 @@ impl<'a> Path<'a> {
                 .segments
                 .iter()
                 .zip(pattern)
-                .all(|(seg, pat)| match seg.as_segment() {
+                .all(|(seg, pat)| match seg.as_segment(self.keys) {
                     Segment::Index => *pat == "[]",
                     Segment::Key(k) => *pat != "[]" && k == pat.as_bytes(),
                 })
@@ -76,7 +100,7 @@ impl<'a> Path<'a> {
                 .segments
                 .iter()
                 .zip(pattern)
-                .all(|(seg, pat)| match seg.as_segment() {
+                .all(|(seg, pat)| match seg.as_segment(self.keys) {
                     Segment::Index => pat == "[]",
                     Segment::Key(k) => pat != "[]" && k == pat.as_bytes(),
                 })
@@ -166,21 +190,23 @@ pub enum ScanStatus {
     Failed(ScanError),
 }
 
-#[derive(Clone, Debug)]
-struct SegmentBuf {
-    key: [u8; MAX_KEY_LEN],
+/// One tracked path segment; its key bytes live in the scanner's key arena.
+#[derive(Clone, Copy, Debug)]
+struct SegmentMeta {
+    start: u16,
     len: u8,
     is_index: bool,
     /// The key was longer than [`MAX_KEY_LEN`]: never matches.
     overlong: bool,
 }
 
-impl SegmentBuf {
-    fn as_segment(&self) -> Segment<'_> {
+impl SegmentMeta {
+    fn as_segment<'a>(&self, keys: &'a [u8]) -> Segment<'a> {
         if self.is_index {
             Segment::Index
         } else {
-            Segment::Key(&self.key[..self.len as usize])
+            let start = self.start as usize;
+            Segment::Key(keys.get(start..start + self.len as usize).unwrap_or(&[]))
         }
     }
 }
@@ -232,9 +258,13 @@ pub struct JsonScanner {
     started: bool,
     frames: Vec<Frame>,
     /// Path segments for the first [`MAX_TRACKED_DEPTH`] levels.
-    path: Vec<SegmentBuf>,
+    path: Vec<SegmentMeta>,
+    /// Key bytes of `path`, back to back (at most 8 x 64 bytes).
+    path_keys: Vec<u8>,
     /// Logical path length (may exceed `path.len()`).
     depth: usize,
+    /// Over-long keys among `path` (a path holding one never matches).
+    overlong_keys: usize,
     string_is_key: bool,
     buf: [u8; MAX_VALUE_PREFIX + 4],
     buf_len: usize,
@@ -260,7 +290,9 @@ impl JsonScanner {
             started: false,
             frames: Vec::new(),
             path: Vec::new(),
+            path_keys: Vec::new(),
             depth: 0,
+            overlong_keys: 0,
             string_is_key: false,
             buf: [0; MAX_VALUE_PREFIX + 4],
             buf_len: 0,
@@ -280,7 +312,9 @@ impl JsonScanner {
         self.started = false;
         self.frames.clear();
         self.path.clear();
+        self.path_keys.clear();
         self.depth = 0;
+        self.overlong_keys = 0;
         self.buf_len = 0;
         self.str_len = 0;
         self.offset = 0;
@@ -320,10 +354,7 @@ impl JsonScanner {
                 State::InString => {
                     // Fast path: copy up to the next quote, backslash or control byte.
                     let rest = &input[i..];
-                    let stop = rest
-                        .iter()
-                        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-                        .unwrap_or(rest.len());
+                    let stop = string_run_len(rest);
                     self.push_str_bytes(&rest[..stop]);
                     i += stop;
                     self.offset += stop as u64;
@@ -566,21 +597,24 @@ impl JsonScanner {
         };
     }
 
-    /// Pushes a path segment: `None` for an array element, else the key in `buf`.
+    /// Pushes a path segment: `None` for an array element, else a key.
     fn push_segment(&mut self, key: Option<(&[u8], bool)>) {
         self.depth += 1;
         if self.path.len() < MAX_TRACKED_DEPTH && self.depth == self.path.len() + 1 {
-            let mut seg = SegmentBuf {
-                key: [0; MAX_KEY_LEN],
+            let mut seg = SegmentMeta {
+                start: self.path_keys.len() as u16,
                 len: 0,
                 is_index: key.is_none(),
                 overlong: false,
             };
             if let Some((bytes, overlong)) = key {
                 let n = bytes.len().min(MAX_KEY_LEN);
-                seg.key[..n].copy_from_slice(&bytes[..n]);
+                self.path_keys.extend_from_slice(&bytes[..n]);
                 seg.len = n as u8;
                 seg.overlong = overlong;
+            }
+            if seg.overlong {
+                self.overlong_keys += 1;
             }
             self.path.push(seg);
         }
@@ -591,7 +625,12 @@ impl JsonScanner {
             return;
         }
         if self.path.len() == self.depth {
-            self.path.pop();
+            if let Some(seg) = self.path.pop() {
+                if seg.overlong {
+                    self.overlong_keys -= 1;
+                }
+                self.path_keys.truncate(seg.start as usize);
+            }
         }
         self.depth -= 1;
     }
@@ -608,7 +647,8 @@ impl JsonScanner {
     fn current_path(&self) -> Path<'_> {
         Path {
             segments: &self.path,
-            complete: self.depth == self.path.len() && !self.path.iter().any(|s| s.overlong),
+            keys: &self.path_keys,
+            complete: self.depth == self.path.len() && self.overlong_keys == 0,
         }
     }
 
@@ -662,11 +702,7 @@ impl JsonScanner {
     fn end_string<V: JsonVisitor>(&mut self, visitor: &mut V) {
         self.flush_surrogate();
         if self.string_is_key {
-            let overlong = self.str_len > MAX_KEY_LEN;
-            let n = self.buf_len.min(MAX_KEY_LEN);
-            let mut key = [0u8; MAX_KEY_LEN];
-            key[..n].copy_from_slice(&self.buf[..n]);
-            self.push_segment(Some((&key[..n], overlong)));
+            self.push_key_from_buf();
             if let Some(frame) = self.frames.last_mut() {
                 frame.has_segment = true;
             }
@@ -674,36 +710,98 @@ impl JsonScanner {
             return;
         }
         let len = self.str_len;
-        let prefix_len = utf8_prefix_len(&self.buf[..self.buf_len]);
-        // Copied out so the visitor can borrow the path at the same time.
-        let mut tmp = [0u8; MAX_VALUE_PREFIX];
-        tmp[..prefix_len].copy_from_slice(&self.buf[..prefix_len]);
-        let prefix = std::str::from_utf8(&tmp[..prefix_len]).unwrap_or("");
-        let path = self.current_path();
+        // The path and the value borrow different fields; the visitor is
+        // not part of the scanner, so nothing needs copying.
+        let prefix = utf8_prefix(&self.buf[..self.buf_len]);
+        let path = Path {
+            segments: &self.path,
+            keys: &self.path_keys,
+            complete: self.depth == self.path.len() && self.overlong_keys == 0,
+        };
         visitor.scalar(&path, Scalar::Str { prefix, len });
         self.after_value();
     }
 
+    /// Pushes the key just read (in `buf`) as a path segment.
+    fn push_key_from_buf(&mut self) {
+        self.depth += 1;
+        if self.path.len() < MAX_TRACKED_DEPTH && self.depth == self.path.len() + 1 {
+            let overlong = self.str_len > MAX_KEY_LEN;
+            let n = self.buf_len.min(MAX_KEY_LEN);
+            let start = self.path_keys.len() as u16;
+            self.path_keys.extend_from_slice(&self.buf[..n]);
+            if overlong {
+                self.overlong_keys += 1;
+            }
+            self.path.push(SegmentMeta {
+                start,
+                len: n as u8,
+                is_index: false,
+                overlong,
+            });
+        }
+    }
+
     fn emit_number<V: JsonVisitor>(&mut self, visitor: &mut V) {
-        let mut tmp = [0u8; MAX_NUMBER_LEN];
         let n = self.buf_len.min(MAX_NUMBER_LEN);
-        tmp[..n].copy_from_slice(&self.buf[..n]);
-        let text = std::str::from_utf8(&tmp[..n]).unwrap_or("");
-        let path = self.current_path();
+        let text = std::str::from_utf8(&self.buf[..n]).unwrap_or("");
+        let path = Path {
+            segments: &self.path,
+            keys: &self.path_keys,
+            complete: self.depth == self.path.len() && self.overlong_keys == 0,
+        };
         visitor.scalar(&path, Scalar::Num(text));
     }
+}
+
+/// Length of the leading run of `bytes` that needs no attention inside a
+/// string: up to the first `"`, `\\` or control byte. Eight bytes at a time
+/// (SWAR), since string contents are most of what the scanner reads.
+fn string_run_len(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let special = |b: u8| b == b'"' || b == b'\\' || b < 0x20;
+    let mut i = 0;
+    while i + 8 <= bytes.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[i..i + 8]);
+        let x = u64::from_le_bytes(word);
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        // A byte is zero in `quote`/`backslash` where it matches; "less than
+        // 0x20" is the classic has-less test (valid for bytes < 0x80; bytes
+        // >= 0x80 are excluded by `!x`).
+        let zero_q = quote.wrapping_sub(ONES) & !quote;
+        let zero_b = backslash.wrapping_sub(ONES) & !backslash;
+        let less = x.wrapping_sub(ONES * 0x20) & !x;
+        let hits = (zero_q | zero_b | less) & HIGH;
+        if hits != 0 {
+            // The lowest flagged byte is exact; flags above it may be
+            // borrow artefacts, so confirm bytewise from there.
+            let first = (hits.trailing_zeros() / 8) as usize;
+            return i + bytes[i + first..i + 8]
+                .iter()
+                .position(|&b| special(b))
+                .map_or(8, |p| first + p);
+        }
+        i += 8;
+    }
+    i + bytes[i..]
+        .iter()
+        .position(|&b| special(b))
+        .unwrap_or(bytes.len() - i)
 }
 
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-/// Length of the longest prefix of `bytes` that is valid UTF-8, so a value cut
-/// at [`MAX_VALUE_PREFIX`] never ends in half a character.
-fn utf8_prefix_len(bytes: &[u8]) -> usize {
+/// The longest prefix of `bytes` that is valid UTF-8, so a value cut at
+/// [`MAX_VALUE_PREFIX`] never ends in half a character.
+fn utf8_prefix(bytes: &[u8]) -> &str {
     match std::str::from_utf8(bytes) {
-        Ok(_) => bytes.len(),
-        Err(e) => e.valid_up_to(),
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
     }
 }
 
@@ -905,7 +1003,33 @@ mod tests {
         })
     }
 
+    #[test]
+    fn string_run_len_agrees_with_a_bytewise_scan() {
+        let naive = |b: &[u8]| {
+            b.iter()
+                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                .unwrap_or(b.len())
+        };
+        let cases: [&[u8]; 6] = [
+            b"",
+            b"abcdefgh",
+            b"abcdefghij\"x",
+            "日本語のテキスト\"".as_bytes(),
+            b"\x7f\x80\xff\x1f",
+            b"0123456789abcdef0123\\",
+        ];
+        for c in cases {
+            assert_eq!(string_run_len(c), naive(c), "{c:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn string_run_len_matches_naive(data in prop::collection::vec(any::<u8>(), 0..64)) {
+            let naive = data.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).unwrap_or(data.len());
+            prop_assert_eq!(string_run_len(&data), naive);
+        }
+
         /// Any split of a document into chunks reports exactly what the whole does.
         #[test]
         fn chunking_never_changes_the_result(v in json_value(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8)) {

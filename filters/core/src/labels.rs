@@ -11,6 +11,53 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A small, fast, non-cryptographic hasher (the rustc "Fx" scheme) for the
+/// filter's internal maps. Their keys are bounded and never chosen by an
+/// attacker in a way that matters: values are admitted (bounded) before they
+/// are inserted, so hash flooding cannot grow anything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FxHasher(u64);
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+/// A `HashMap` with [`FxHasher`].
+pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// Value of a label whose input was present but not admitted.
 pub const OVERFLOW: &str = "other";
@@ -247,7 +294,7 @@ pub struct LabelTable {
     admission: Admission,
     max_len: usize,
     values: Vec<String>,
-    index: HashMap<String, ValueId>,
+    index: FxHashMap<String, ValueId>,
 }
 
 impl LabelTable {
@@ -257,7 +304,7 @@ impl LabelTable {
             admission,
             max_len,
             values: vec![UNKNOWN.to_string(), OVERFLOW.to_string()],
-            index: HashMap::new(),
+            index: FxHashMap::default(),
         };
         t.index.insert(UNKNOWN.to_string(), UNKNOWN_ID);
         t.index.insert(OVERFLOW.to_string(), OVERFLOW_ID);

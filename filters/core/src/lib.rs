@@ -5,6 +5,7 @@
 //! exercised by plain `cargo test` on the build machine.
 
 pub mod config;
+pub mod headers;
 pub mod host;
 pub mod inject;
 pub mod json_scan;

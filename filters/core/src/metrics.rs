@@ -18,12 +18,10 @@
 //! per family are budgeted; past the budget, request-derived labels collapse
 //! to `other` so totals stay right while cardinality stays flat.
 
-use std::collections::HashMap;
-
 use crate::config::Config;
 use crate::host::{MetricKind, MetricsHost};
 use crate::labels::{
-    AdmissionControl, Dimension, LabelTable, Resolved, ValueId, OVERFLOW, OVERFLOW_ID,
+    AdmissionControl, Dimension, FxHashMap, LabelTable, Resolved, ValueId, OVERFLOW, OVERFLOW_ID,
 };
 use crate::request::{ErrorType, Injection, RequestRecord, UsageSource};
 
@@ -416,7 +414,7 @@ type SeriesKey = (u8, [u16; MAX_LABELS]);
 /// Defines, caches and updates series through a [`MetricsHost`].
 pub struct MetricsRecorder<H> {
     host: H,
-    series: HashMap<SeriesKey, u32>,
+    series: FxHashMap<SeriesKey, u32>,
     per_family: [u32; 64],
     max_series_per_family: u32,
     name_buf: String,
@@ -458,7 +456,7 @@ impl<H: MetricsHost> MetricsRecorder<H> {
     pub fn new(host: H, max_series_per_family: u32) -> Self {
         Self {
             host,
-            series: HashMap::new(),
+            series: FxHashMap::default(),
             per_family: [0; 64],
             max_series_per_family,
             name_buf: String::with_capacity(256),
@@ -920,6 +918,7 @@ mod tests {
     use crate::labels::LocalAdmission;
     use crate::request::tests::FakeView;
     use crate::request::RequestObserver;
+    use std::collections::HashMap;
 
     /// Envoy's stats as far as the filter can see them: names and values.
     #[derive(Default)]
@@ -992,7 +991,7 @@ mod tests {
             br#"{"model":"mistral-7b","usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}"#,
             50 * MS,
         );
-        obs.record(&cfg, &view, 55 * MS)
+        obs.record_final(&cfg, &view, 55 * MS)
     }
 
     const LABELS: &str = "route=.=chat;.;tenant=.=acme;.;model=.=mistral-7b;.;route_class=.=interactive;.;team=.=platform-ai;.;backend=.=vllm_stable;.;";

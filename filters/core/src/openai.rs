@@ -207,6 +207,12 @@ struct ResponseVisitor<'a> {
 
 impl JsonVisitor for ResponseVisitor<'_> {
     fn scalar(&mut self, path: &Path<'_>, value: Scalar<'_>) {
+        if !matches!(
+            path.first_key(),
+            Some(b"choices" | b"usage" | b"model" | b"error")
+        ) {
+            return;
+        }
         if self.facts.usage.absorb(path, &value, &["usage"]) {
             return;
         }
@@ -267,47 +273,90 @@ struct EventFacts {
 
 struct EventVisitor<'a> {
     facts: &'a mut EventFacts,
+    /// The stream's model is known already: don't copy it out of every event.
+    want_model: bool,
 }
 
 impl JsonVisitor for EventVisitor<'_> {
     fn scalar(&mut self, path: &Path<'_>, value: Scalar<'_>) {
-        if let Scalar::Str { len, .. } = value {
-            if len > 0
-                && (path.matches(&["choices", "[]", "delta", "content"])
-                    || path.matches(&["choices", "[]", "delta", "reasoning_content"])
-                    || path.matches(&["choices", "[]", "delta", "reasoning"])
-                    || path.matches(&["choices", "[]", "text"])
-                    || path.matches(&["delta", "text"]))
-            {
-                self.facts.has_content = true;
-                return;
-            }
-        }
-        if self.facts.usage.absorb(path, &value, &["usage"])
-            || self.facts.usage.absorb(path, &value, &["message", "usage"])
-        {
+        if !path.complete {
             return;
         }
-        if path.matches(&["model"]) {
-            self.facts.model = value.as_str().and_then(keep_text);
-        } else if path.matches(&["choices", "[]", "finish_reason"]) {
-            if let Some(r) = value.as_str().and_then(keep_text) {
-                self.facts.finish_reason = Some(r);
+        // Dispatch on the path's shape with direct segment checks: this runs
+        // for every scalar of every event, and most (`id`, `object`,
+        // `created`, `index`, `logprobs`, ...) matter to nobody.
+        match path.first_key() {
+            Some(b"choices") if path.is_index(1) => match (path.len(), path.key(2)) {
+                (4, Some(b"delta")) => {
+                    if let (
+                        Some(b"content" | b"reasoning_content" | b"reasoning"),
+                        Scalar::Str { len, .. },
+                    ) = (path.key(3), value)
+                    {
+                        if len > 0 {
+                            self.facts.has_content = true;
+                        }
+                    }
+                }
+                (3, Some(b"text")) => {
+                    if let Scalar::Str { len, .. } = value {
+                        if len > 0 {
+                            self.facts.has_content = true;
+                        }
+                    }
+                }
+                (3, Some(b"finish_reason")) => {
+                    if let Some(r) = value.as_str().and_then(keep_text) {
+                        self.facts.finish_reason = Some(r);
+                    }
+                }
+                _ => {}
+            },
+            Some(b"usage") => {
+                self.facts.usage.absorb(path, &value, &["usage"]);
             }
-        } else if (path.matches(&["error", "type"]) || path.matches(&["error", "code"]))
-            && self.facts.error_type.is_none()
-        {
-            self.facts.error_type = value.as_str().and_then(keep_text);
+            Some(b"message") => {
+                self.facts.usage.absorb(path, &value, &["message", "usage"]);
+            }
+            Some(b"model") if path.len() == 1 => {
+                if self.want_model {
+                    self.facts.model = value.as_str().and_then(keep_text);
+                }
+            }
+            Some(b"error") if path.len() == 2 => {
+                if matches!(path.key(1), Some(b"type" | b"code")) && self.facts.error_type.is_none()
+                {
+                    self.facts.error_type = value.as_str().and_then(keep_text);
+                }
+            }
+            Some(b"delta") if path.len() == 2 && path.key(1) == Some(b"text") => {
+                if let Scalar::Str { len, .. } = value {
+                    if len > 0 {
+                        self.facts.has_content = true;
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
     fn enter(&mut self, path: &Path<'_>, kind: Container) {
-        if path.matches(&["choices", "[]", "delta", "tool_calls"])
-            || path.matches(&["choices", "[]", "delta", "function_call"])
-        {
-            self.facts.has_content = true;
-        } else if kind == Container::Object && path.matches(&["error"]) {
-            self.facts.has_error = true;
+        if !path.complete {
+            return;
+        }
+        match path.first_key() {
+            Some(b"choices")
+                if path.len() == 4
+                    && path.is_index(1)
+                    && path.key(2) == Some(b"delta")
+                    && matches!(path.key(3), Some(b"tool_calls" | b"function_call")) =>
+            {
+                self.facts.has_content = true;
+            }
+            Some(b"error") if path.len() == 1 && kind == Container::Object => {
+                self.facts.has_error = true;
+            }
+            _ => {}
         }
     }
 }
@@ -340,47 +389,222 @@ pub struct StreamReader {
     sink: StreamSink,
 }
 
-#[derive(Clone, Debug, Default)]
+/// Events up to this size are held (briefly, until their blank line) so the
+/// common case can be classified by a byte search; larger events stream
+/// straight into the JSON scanner.
+const QUICK_EVENT_MAX: usize = 1024;
+
+#[derive(Clone, Debug)]
 struct StreamSink {
     scanner: JsonScanner,
     event: EventFacts,
     facts: StreamFacts,
     now_ns: u64,
+    /// The current event's data while it fits in [`QUICK_EVENT_MAX`].
+    pending: Vec<u8>,
+    /// The current event outgrew `pending` and is being streamed to `scanner`.
+    streaming: bool,
+    /// Use the byte-search fast path (tests turn it off to compare).
+    quick: bool,
 }
 
-impl DataSink for StreamSink {
-    fn data(&mut self, bytes: &[u8]) {
+impl Default for StreamSink {
+    fn default() -> Self {
+        Self {
+            scanner: JsonScanner::default(),
+            event: EventFacts::default(),
+            facts: StreamFacts::default(),
+            now_ns: 0,
+            pending: Vec::with_capacity(256),
+            streaming: false,
+            quick: true,
+        }
+    }
+}
+
+/// What the fast path concluded about an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quick {
+    /// A plain chunk carrying generated content.
+    Content,
+    /// A plain chunk without content (e.g. the role-only first chunk).
+    Empty,
+}
+
+/// Where the keys the fast path cares about first appear, and how often.
+#[derive(Default)]
+struct KeyScan {
+    choices: Option<usize>,
+    delta: Option<usize>,
+    content: Option<usize>,
+    content_count: u32,
+    text: Option<usize>,
+    text_count: u32,
+    finish_reason: Option<usize>,
+    needs_parse: bool,
+}
+
+/// Classifies a compact OpenAI chunk by one pass over its quotes, or
+/// returns `None` when the event needs the full JSON parse: anything
+/// carrying usage, an error, a finish reason, tool calls or reasoning, a
+/// model name still unknown, or any shape other than the compact one
+/// servers emit. Quotes inside JSON strings are escaped (`\"`), so a `"`
+/// followed by `content":` can only be the structure itself.
+fn quick_classify(data: &[u8], want_model: bool) -> Option<Quick> {
+    let data = data.trim_ascii();
+    if !(data.starts_with(b"{") && data.ends_with(b"}")) {
+        return None;
+    }
+    let mut k = KeyScan::default();
+    let mut i = 0;
+    while let Some(off) = data[i..].iter().position(|&b| b == b'"') {
+        let q = i + off;
+        let rest = &data[q + 1..];
+        if q > 0 && data[q - 1] == b'\\' {
+            // An escaped quote inside a string (or `\\"`, which only ends
+            // a string); either way not a key we look for.
+        } else if rest.starts_with(b"choices\":[{") {
+            k.choices.get_or_insert(q);
+        } else if rest.starts_with(b"delta\":{") {
+            k.delta.get_or_insert(q);
+        } else if rest.starts_with(b"content\":") {
+            k.content.get_or_insert(q);
+            k.content_count += 1;
+        } else if rest.starts_with(b"text\":") {
+            k.text.get_or_insert(q);
+            k.text_count += 1;
+        } else if rest.starts_with(b"finish_reason\":") {
+            k.finish_reason.get_or_insert(q);
+        } else if rest.starts_with(b"usage\"")
+            || rest.starts_with(b"error\"")
+            || rest.starts_with(b"tool_calls\"")
+            || rest.starts_with(b"function_call\"")
+            || rest.starts_with(b"reasoning")
+            || (want_model && rest.starts_with(b"model\""))
+        {
+            k.needs_parse = true;
+            break;
+        }
+        i = q + 1;
+    }
+    let choices = k.choices?;
+    if k.needs_parse {
+        return None;
+    }
+    if let Some(f) = k.finish_reason {
+        if !data[f + 16..].starts_with(b"null") {
+            return None;
+        }
+    }
+    let same_object = |from: usize, to: usize| {
+        from <= to
+            && !data[from..to]
+                .iter()
+                .any(|b| matches!(b, b'{' | b'}' | b'[' | b']'))
+    };
+    let field = match (k.content_count, k.text_count, k.content, k.text) {
+        (1, 0, Some(c), _) => {
+            let d = k.delta?;
+            if !same_object(d + 9, c) {
+                return None;
+            }
+            c + 10
+        }
+        (0, 1, _, Some(t)) => {
+            if !same_object(choices + 12, t) {
+                return None;
+            }
+            t + 7
+        }
+        _ => return None,
+    };
+    match data.get(field) {
+        Some(b'"') => match data.get(field + 1) {
+            Some(b'"') => Some(Quick::Empty),
+            Some(_) => Some(Quick::Content),
+            None => None,
+        },
+        _ => None,
+    }
+}
+
+impl StreamSink {
+    fn feed_scanner(&mut self, bytes: &[u8]) {
         let mut v = EventVisitor {
             facts: &mut self.event,
+            want_model: self.facts.model.is_none(),
         };
         self.scanner.feed(bytes, &mut v);
     }
 
+    fn content_event(&mut self) {
+        self.facts.content_events += 1;
+        if self.facts.first_content_ns.is_none() {
+            self.facts.first_content_ns = Some(self.now_ns);
+        }
+        self.facts.last_content_ns = Some(self.now_ns);
+    }
+}
+
+impl DataSink for StreamSink {
+    fn data(&mut self, bytes: &[u8]) {
+        if self.streaming {
+            self.feed_scanner(bytes);
+        } else if self.pending.len() + bytes.len() <= QUICK_EVENT_MAX {
+            self.pending.extend_from_slice(bytes);
+        } else {
+            self.streaming = true;
+            let held = std::mem::take(&mut self.pending);
+            self.feed_scanner(&held);
+            self.pending = held;
+            self.pending.clear();
+            self.feed_scanner(bytes);
+        }
+    }
+
     fn dispatch(&mut self, meta: &EventMeta) {
         self.facts.events += 1;
-        let mut v = EventVisitor {
-            facts: &mut self.event,
-        };
-        let status = self.scanner.finish(&mut v);
-        let event = std::mem::take(&mut self.event);
-        self.scanner.reset();
         if meta.is_done {
             self.facts.done = true;
+            self.reset_event();
             return;
         }
         if meta.data_lines == 0 {
+            self.reset_event();
             return;
         }
+        if !self.streaming && self.quick {
+            match quick_classify(&self.pending, self.facts.model.is_none()) {
+                Some(Quick::Content) => {
+                    self.content_event();
+                    self.reset_event();
+                    return;
+                }
+                Some(Quick::Empty) => {
+                    self.reset_event();
+                    return;
+                }
+                None => {}
+            }
+        }
+        if !self.streaming {
+            let held = std::mem::take(&mut self.pending);
+            self.feed_scanner(&held);
+            self.pending = held;
+        }
+        let mut v = EventVisitor {
+            facts: &mut self.event,
+            want_model: self.facts.model.is_none(),
+        };
+        let status = self.scanner.finish(&mut v);
+        let event = std::mem::take(&mut self.event);
+        self.reset_event();
         if status != ScanStatus::Complete {
             self.facts.malformed_events += 1;
             return;
         }
         if event.has_content {
-            self.facts.content_events += 1;
-            if self.facts.first_content_ns.is_none() {
-                self.facts.first_content_ns = Some(self.now_ns);
-            }
-            self.facts.last_content_ns = Some(self.now_ns);
+            self.content_event();
         }
         self.facts.usage.merge(&event.usage);
         if event.model.is_some() && self.facts.model.is_none() {
@@ -402,7 +626,24 @@ impl DataSink for StreamSink {
     }
 }
 
+impl StreamSink {
+    fn reset_event(&mut self) {
+        self.scanner.reset();
+        self.event = EventFacts::default();
+        self.pending.clear();
+        self.streaming = false;
+    }
+}
+
 impl StreamReader {
+    /// A reader that parses every event fully (the reference the fast path
+    /// is tested against).
+    pub fn without_fast_path() -> Self {
+        let mut r = Self::default();
+        r.sink.quick = false;
+        r
+    }
+
     /// Feeds one chunk that the host delivered at `now_ns`.
     pub fn feed(&mut self, chunk: &[u8], now_ns: u64) {
         self.sink.now_ns = now_ns;
@@ -536,7 +777,88 @@ mod tests {
         assert_eq!(f.error_type.as_deref(), Some("internal_error"));
     }
 
+    #[test]
+    fn fast_path_classification() {
+        assert_eq!(quick_classify(br#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}"#, false), Some(Quick::Content));
+        assert_eq!(quick_classify(br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#, false), Some(Quick::Empty));
+        assert_eq!(
+            quick_classify(
+                br#"{"choices":[{"index":0,"text":"x","finish_reason":null}]}"#,
+                false
+            ),
+            Some(Quick::Content)
+        );
+        // Everything unusual takes the full parse.
+        for slow in [
+            &br#"{"choices":[{"delta":{"content":"x"},"finish_reason":"length"}]}"#[..],
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+            br#"{"choices":[{"delta":{"content":"x"}}],"model":"m"}"#,
+            br#"{"error":{"type":"x"}}"#,
+            br#"{"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#,
+            br#"{"choices": [{"delta": {"content": "spaced"}}]}"#,
+            br#"{"choices":[{"delta":{"content":"a","reasoning_content":"b"}}]}"#,
+            br#"not json"#,
+            br#"{"choices":[{"content":"x"}]}"#,
+            br#"{"choices":[{"delta":{"role":"x"},"content":"x"}]}"#,
+            br#"{"choices":[{"delta":{"content":"x"}}],"extra":{"content":"y"}}"#,
+            br#"{"choices":[{"index":0,"logprobs":{"text":"x"}}]}"#,
+        ] {
+            assert_eq!(
+                quick_classify(slow, true),
+                None,
+                "{}",
+                String::from_utf8_lossy(slow)
+            );
+        }
+        // With the model still unknown, a chunk naming it is parsed.
+        assert_eq!(
+            quick_classify(
+                br#"{"model":"m","choices":[{"delta":{"content":"x"}}]}"#,
+                true
+            ),
+            None
+        );
+        assert_eq!(
+            quick_classify(
+                br#"{"model":"m","choices":[{"delta":{"content":"x"}}]}"#,
+                false
+            ),
+            Some(Quick::Content)
+        );
+    }
+
     proptest! {
+        /// The fast path gives exactly what the full parse gives.
+        #[test]
+        fn fast_path_agrees_with_the_full_parse(
+            tokens in prop::collection::vec("[a-zé日😀 \"\\\\{}:,]{0,6}", 0..20),
+            with_usage in any::<bool>(),
+            garbage in prop::option::of("[{}\":a-z,\\[\\]]{0,40}"),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            let mut text = chat_stream(&refs, with_usage);
+            if let Some(g) = garbage {
+                text.insert_str(0, &format!("data: {g}\n\n"));
+            }
+            let bytes = text.as_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut fast = StreamReader::default();
+            let mut full = StreamReader::without_fast_path();
+            let mut last = 0;
+            for (i, p) in points.iter().enumerate() {
+                fast.feed(&bytes[last..*p], i as u64);
+                full.feed(&bytes[last..*p], i as u64);
+                last = *p;
+            }
+            fast.feed(&bytes[last..], 99);
+            full.feed(&bytes[last..], 99);
+            let (a, _) = fast.finish();
+            let (b, _) = full.finish();
+            prop_assert_eq!(a, b);
+        }
+
         /// Any re-chunking of an OpenAI stream gives the same events and usage.
         #[test]
         fn rechunking_gives_the_same_usage(

@@ -276,6 +276,8 @@ pub struct RequestObserver {
     rag: RagSignals,
     injection: Injection,
     buffering: bool,
+    /// The whole response passed through (end of stream seen).
+    response_ended: bool,
 }
 
 impl RequestObserver {
@@ -329,7 +331,9 @@ impl RequestObserver {
             method,
             start_ns: now_ns,
             route_name: view.property(&["xds", "route_name"]),
-            cluster_name: view.property(&["xds", "cluster_name"]),
+            // The router picks the cluster after this filter's request
+            // headers callback; it is read at the access-log callback.
+            cluster_name: None,
             tenant,
             request: RequestReader::new(
                 config.rag_collection_field.clone(),
@@ -350,11 +354,17 @@ impl RequestObserver {
             rag: RagSignals::default(),
             injection: Injection::NotAttempted,
             buffering,
+            response_ended: false,
         })
     }
 
     pub fn operation(&self) -> Operation {
         self.operation
+    }
+
+    /// The response status, once response headers were seen.
+    pub fn status(&self) -> Option<u16> {
+        self.status
     }
 
     /// Whether the shell must hold the request body for the usage rewrite
@@ -492,6 +502,11 @@ impl RequestObserver {
         }
     }
 
+    /// The response reached its end of stream.
+    pub fn response_end(&mut self) {
+        self.response_ended = true;
+    }
+
     /// Counts response bytes the shell chose not to read.
     pub fn response_body_skipped(&mut self, len: usize) {
         self.response_bytes += len as u64;
@@ -506,39 +521,52 @@ impl RequestObserver {
     }
 
     /// Everything known so far, as a record. Called when the response ends
-    /// (to publish filter state before Envoy's access loggers run) and again
-    /// at the access-log callback, when Envoy's final attributes are known.
-    pub fn record(&mut self, config: &Config, view: &dyn HttpView, now_ns: u64) -> RequestRecord {
+    /// (to publish filter state before Envoy's access loggers run, with
+    /// `final_attributes: false`: no host calls) and at the access-log
+    /// callback, when Envoy's final attributes (response code details and
+    /// flags, the upstream cluster) are read.
+    pub fn record(
+        &mut self,
+        config: &Config,
+        view: &dyn HttpView,
+        now_ns: u64,
+        final_attributes: bool,
+    ) -> RequestRecord {
         if !self.request_done {
             self.finish_request_body();
         }
-        if self.cluster_name.is_none() {
+        // A response that ended normally with a success status cannot be a
+        // reset, timeout or abort: Envoy's details and flags (two attribute
+        // evaluations) are only read when something may have gone wrong.
+        let clean_end = self.response_ended && self.status.is_some_and(|s| s < 400);
+        if final_attributes && self.cluster_name.is_none() {
             self.cluster_name = view.property(&["xds", "cluster_name"]);
         }
-        if self.route_name.is_none() {
-            self.route_name = view.property(&["xds", "route_name"]);
-        }
-        if self.status.is_none() {
-            self.status = view
-                .property(&["response", "code"])
+        let (code_details, flags) = if final_attributes && !clean_end {
+            if self.route_name.is_none() {
+                self.route_name = view.property(&["xds", "route_name"]);
+            }
+            if self.status.is_none() {
+                self.status = view
+                    .property(&["response", "code"])
+                    .and_then(|v| decode_u64(&v))
+                    .and_then(|v| u16::try_from(v).ok());
+            }
+            let details = view
+                .property(&["response", "code_details"])
+                .map(|v| String::from_utf8_lossy(&v[..v.len().min(128)]).into_owned());
+            let flags = view
+                .property(&["response", "flags"])
                 .and_then(|v| decode_u64(&v))
-                .and_then(|v| u16::try_from(v).ok());
-        }
-        let code_details = view
-            .property(&["response", "code_details"])
-            .map(|v| String::from_utf8_lossy(&v[..v.len().min(128)]).into_owned());
-        let flags = view
-            .property(&["response", "flags"])
-            .and_then(|v| decode_u64(&v))
-            .unwrap_or(0);
-        let request_bytes = view
-            .property(&["request", "size"])
-            .and_then(|v| decode_u64(&v))
-            .unwrap_or(self.request_bytes_seen);
-        let response_bytes = view
-            .property(&["response", "size"])
-            .and_then(|v| decode_u64(&v))
-            .unwrap_or(self.response_bytes);
+                .unwrap_or(0);
+            (details, flags)
+        } else {
+            (None, 0)
+        };
+        // Body sizes as the filter saw them pass (every chunk is reported to
+        // the filter, read or not), so no host call is needed.
+        let request_bytes = self.request_bytes_seen;
+        let response_bytes = self.response_bytes;
 
         let mut problems = ParseProblems {
             request_json: matches!(self.request_status, ScanStatus::Failed(_))
@@ -673,6 +701,18 @@ impl RequestObserver {
             rag,
             code_details,
         }
+    }
+}
+
+impl RequestObserver {
+    /// [`RequestObserver::record`] with Envoy's final attributes.
+    pub fn record_final(
+        &mut self,
+        config: &Config,
+        view: &dyn HttpView,
+        now_ns: u64,
+    ) -> RequestRecord {
+        self.record(config, view, now_ns, true)
     }
 }
 
@@ -840,7 +880,7 @@ pub(crate) mod tests {
             );
         }
         obs.response_body(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\ndata: [DONE]\n\n", t0 + 141 * MS);
-        let rec = obs.record(&cfg, &view, t0 + 142 * MS);
+        let rec = obs.record_final(&cfg, &view, t0 + 142 * MS);
         assert_eq!(rec.ttfb_ms(), Some(5));
         assert_eq!(rec.ttft_ms(), Some(100));
         assert_eq!(rec.tpot_ms(), Some(10));
@@ -869,7 +909,7 @@ pub(crate) mod tests {
             b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[{\"text\":\"b\"}]}\n\ndata: [DONE]\n\n",
             2 * MS,
         );
-        let rec = obs.record(&cfg, &view, 3 * MS);
+        let rec = obs.record_final(&cfg, &view, 3 * MS);
         assert_eq!(rec.usage_source, UsageSource::Estimated);
         assert_eq!(rec.completion_tokens(), Some(2));
         assert_eq!(rec.usage.prompt_tokens, None);
@@ -894,7 +934,7 @@ pub(crate) mod tests {
         obs.response_headers(&cfg, &view, MS);
         assert!(!obs.reads_response_body());
         obs.response_body_skipped(100);
-        let rec = obs.record(&cfg, &view, 2 * MS);
+        let rec = obs.record_final(&cfg, &view, 2 * MS);
         assert_eq!(rec.unparsed, Some(Unparsed::Compressed));
         assert!(rec.problems.request_json);
         assert_eq!(rec.response_bytes, 100);

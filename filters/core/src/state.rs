@@ -1,5 +1,7 @@
 //! Per-request values published as Envoy filter state, so access logs and
-//! Envoy's own tracing can use them: `%FILTER_STATE(wasm.tokentap.ttft_ms:PLAIN)%`.
+//! Envoy's own tracing can use them: `%FILTER_STATE(wasm.tokentap:PLAIN)%` (one
+//! JSON object, the default) or `%FILTER_STATE(wasm.tokentap.ttft_ms:PLAIN)%`
+//! (one key per value, `filter_state: "fields"`).
 //!
 //! Values are bounded label values and numbers, never prompt or completion
 //! text. The shell writes them when the response ends, because Envoy runs the
@@ -9,8 +11,28 @@ use crate::labels::Dimension;
 use crate::metrics::{Labeler, RequestLabels};
 use crate::request::{RequestRecord, UsageSource};
 
-/// Prefix of every key; Envoy stores them as `wasm.<key>`.
-pub const PREFIX: &str = "tokentap.";
+/// Key of the summary object and prefix of the per-value keys; Envoy stores
+/// them as `wasm.<key>`.
+pub const KEY: &str = "tokentap";
+
+/// The values as one JSON object (for [`crate::config::FilterStateMode::Summary`]).
+/// Numbers are JSON numbers; keys are the names without the `tokentap.` prefix.
+pub fn summary_json(values: &[(&'static str, String)]) -> String {
+    let mut map = serde_json::Map::new();
+    for (key, value) in values {
+        let name = key.strip_prefix("tokentap.").unwrap_or(key);
+        let v = match value.parse::<u64>() {
+            Ok(n) if !name.ends_with("_id") => serde_json::Value::from(n),
+            _ => match value.as_str() {
+                "true" => serde_json::Value::Bool(true),
+                "false" => serde_json::Value::Bool(false),
+                _ => serde_json::Value::String(value.clone()),
+            },
+        };
+        map.insert(name.to_string(), v);
+    }
+    serde_json::Value::Object(map).to_string()
+}
 
 /// The (key, value) pairs for a request; absent values are left out.
 pub fn filter_state(

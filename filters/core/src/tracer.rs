@@ -375,7 +375,7 @@ mod tests {
             1100 * MS,
         );
         obs.response_body(b"data: {\"choices\":[{\"delta\":{\"content\":\"b\"},\"finish_reason\":\"length\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\ndata: [DONE]\n\n", 1110 * MS);
-        let rec = obs.record(&cfg, &view, 1111 * MS);
+        let rec = obs.record_final(&cfg, &view, 1111 * MS);
         let mut labeler = Labeler::new(&cfg, Box::new(LocalAdmission::default()));
         let labels = labeler.request_labels(&rec, &mut Vec::new());
         let span = build_span(&start, &rec, &labels, &labeler, "vllm");
@@ -443,7 +443,7 @@ mod tests {
         assert!(!start.sampled, "an unsampled parent is honoured");
         let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
         obs.response_headers(&cfg, &view, MS);
-        let rec = obs.record(&cfg, &view, 2 * MS);
+        let rec = obs.record_final(&cfg, &view, 2 * MS);
         let mut labeler = Labeler::new(&cfg, Box::new(LocalAdmission::default()));
         let labels = labeler.request_labels(&rec, &mut Vec::new());
         assert_eq!(tracer.finish(&start, &rec, &labels, &labeler), None);
@@ -473,7 +473,7 @@ mod tests {
         for _ in 0..3 {
             let start = tracer.start(&view);
             let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
-            let rec = obs.record(&cfg, &view, MS);
+            let rec = obs.record_final(&cfg, &view, MS);
             let labels = labeler.request_labels(&rec, &mut Vec::new());
             assert_eq!(
                 tracer.finish(&start, &rec, &labels, &labeler),

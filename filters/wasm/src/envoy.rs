@@ -13,6 +13,9 @@
 
 use std::ptr::null_mut;
 
+use std::cell::OnceCell;
+
+use tokentap_core::headers::HeaderMap;
 use tokentap_core::host::{Clock, HostError, HttpView, MetricKind, MetricsHost};
 use tokentap_core::labels::{SharedStore, StoreError};
 
@@ -64,6 +67,11 @@ extern "C" {
         size: usize,
         buffer_data: *const u8,
         buffer_size: usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
     ) -> u32;
     fn proxy_get_header_map_value(
         map_type: u32,
@@ -183,10 +191,24 @@ fn header(map: u32, name: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// Every header of a map, in one host call.
+fn header_map(map: u32) -> Option<HeaderMap> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: out-pointers to locals; the returned buffer is taken by `take`.
+    let status = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
+    if status != OK {
+        return None;
+    }
+    HeaderMap::parse(take(data, size).unwrap_or_default())
+}
+
+#[allow(dead_code)]
 pub fn request_header(name: &str) -> Option<Vec<u8>> {
     header(MAP_REQUEST_HEADERS, name)
 }
 
+#[allow(dead_code)]
 pub fn response_header(name: &str) -> Option<Vec<u8>> {
     header(MAP_RESPONSE_HEADERS, name)
 }
@@ -252,16 +274,29 @@ pub fn set_property(path: &[&str], value: &[u8]) -> bool {
     }
 }
 
-/// [`HttpView`] over the current stream.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct EnvoyView;
+/// [`HttpView`] over the current stream. Each header map is fetched once,
+/// in one host call, the first time a header of it is asked for; create a
+/// new view per callback, since headers change between callbacks.
+#[derive(Debug, Default)]
+pub struct EnvoyView {
+    request: OnceCell<Option<HeaderMap>>,
+    response: OnceCell<Option<HeaderMap>>,
+}
 
 impl HttpView for EnvoyView {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        request_header(name)
+        self.request
+            .get_or_init(|| header_map(MAP_REQUEST_HEADERS))
+            .as_ref()?
+            .get(name)
+            .map(<[u8]>::to_vec)
     }
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        response_header(name)
+        self.response
+            .get_or_init(|| header_map(MAP_RESPONSE_HEADERS))
+            .as_ref()?
+            .get(name)
+            .map(<[u8]>::to_vec)
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         get_property(path)

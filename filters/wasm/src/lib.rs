@@ -18,7 +18,7 @@ use proxy_wasm::types::{Action, ContextType};
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokentap_core::config::{Config, TracingConfig};
+use tokentap_core::config::{Config, FilterStateMode, TracingConfig};
 use tokentap_core::host::Clock;
 use tokentap_core::labels::{Dimension, SharedAdmission};
 use tokentap_core::metrics::{Family, Labeler, MetricsRecorder, RequestLabels};
@@ -372,17 +372,33 @@ impl Request {
         };
         let mut guard = shared.borrow_mut();
         let s = &mut *guard;
-        if !s.config.filter_state {
+        if s.config.filter_state == FilterStateMode::Off {
             return;
         }
         self.state_published = true;
         let now = EnvoyClock.now_nanos();
-        let record = observer.record(&s.config, &EnvoyView, now);
+        // Envoy's final attributes are only needed to classify errors.
+        let failed = observer.status().is_none_or(|code| code >= 400);
+        let record = observer.record(&s.config, &EnvoyView::default(), now, failed);
         // Overflows are counted once, at `on_log`.
         let mut ignored = Vec::new();
         let labels = s.labeler.request_labels(&record, &mut ignored);
-        for (key, value) in tokentap_core::state::filter_state(&record, &labels, &s.labeler) {
-            envoy::set_property(&[key], value.as_bytes());
+        let mut values = tokentap_core::state::filter_state(&record, &labels, &s.labeler);
+        if let Some(span) = &self.span {
+            values.push(("tokentap.trace_id", span.context.trace_id.to_string()));
+            values.push(("tokentap.span_id", span.context.span_id.to_string()));
+        }
+        match s.config.filter_state {
+            FilterStateMode::Summary => {
+                let json = tokentap_core::state::summary_json(&values);
+                envoy::set_property(&[tokentap_core::state::KEY], json.as_bytes());
+            }
+            FilterStateMode::Fields => {
+                for (key, value) in &values {
+                    envoy::set_property(&[key], value.as_bytes());
+                }
+            }
+            FilterStateMode::Off => {}
         }
     }
 }
@@ -397,7 +413,8 @@ impl HttpContext for Request {
         let now = EnvoyClock.now_nanos();
         let mut guard = shared.borrow_mut();
         let s = &mut *guard;
-        let Some(observer) = RequestObserver::start(&s.config, &EnvoyView, now) else {
+        let view = EnvoyView::default();
+        let Some(observer) = RequestObserver::start(&s.config, &view, now) else {
             return Action::Continue;
         };
         let mut overflowed = Vec::new();
@@ -410,18 +427,12 @@ impl HttpContext for Request {
         s.recorder.active(&labels, &s.labeler, 1);
         self.start_labels = Some(labels);
         if let Some(tracer) = s.tracer.as_mut() {
-            let start = tracer.start(&EnvoyView);
+            let start = tracer.start(&view);
             if tracer.injects() {
                 envoy::set_request_header("traceparent", &start.traceparent());
                 if let Some(ts) = start.tracestate() {
                     envoy::set_request_header("tracestate", ts);
                 }
-            }
-            if s.config.filter_state {
-                let trace_id = start.context.trace_id.to_string();
-                let span_id = start.context.span_id.to_string();
-                envoy::set_property(&["tokentap.trace_id"], trace_id.as_bytes());
-                envoy::set_property(&["tokentap.span_id"], span_id.as_bytes());
             }
             self.span = Some(start);
         }
@@ -478,8 +489,9 @@ impl HttpContext for Request {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let (Some(observer), Some(shared)) = (self.observer.as_mut(), self.shared.as_ref()) {
             let now = EnvoyClock.now_nanos();
-            observer.response_headers(&shared.borrow().config, &EnvoyView, now);
+            observer.response_headers(&shared.borrow().config, &EnvoyView::default(), now);
             if end_of_stream {
+                observer.response_end();
                 self.publish_state();
             }
         }
@@ -499,6 +511,7 @@ impl HttpContext for Request {
                 observer.response_body_skipped(body_size);
             }
             if end_of_stream {
+                observer.response_end();
                 self.publish_state();
             }
         }
@@ -515,7 +528,7 @@ impl HttpContext for Request {
         let now = EnvoyClock.now_nanos();
         let mut guard = shared.borrow_mut();
         let s = &mut *guard;
-        let record = observer.record(&s.config, &EnvoyView, now);
+        let record = observer.record_final(&s.config, &EnvoyView::default(), now);
         let mut overflowed = Vec::new();
         let labels = s.labeler.request_labels(&record, &mut overflowed);
         for d in overflowed {
