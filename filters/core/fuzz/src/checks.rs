@@ -6,8 +6,8 @@
 //! Every check takes the raw fuzzer input and returns `Err(description)` when a
 //! property does not hold; a panic inside `tokentap-core` is a failure too.
 //! The properties:
-//! - chunking: the same bytes fed whole, split at fuzzer-chosen points, and one
-//!   byte at a time give identical results;
+//! - chunking: the same bytes fed whole, split at fuzzer-chosen points, and in
+//!   tiny pieces (one byte each below 4 KiB) give identical results;
 //! - bounds: reported string prefixes, keys, numbers and label values stay
 //!   within the documented limits and character set;
 //! - differential: for input that `serde_json` accepts, the streaming readers
