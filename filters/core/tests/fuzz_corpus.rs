@@ -172,3 +172,51 @@ fn llm_path_with_fragment_is_refused() {
         parsed.map(|c| c.llm_paths)
     );
 }
+
+// Known defects the checks found and skip (`checks::known_issues`) until the
+// fix lands; run them with `cargo test -p tokentap-core --test fuzz_corpus --
+// --ignored`, then drop the `#[ignore]` and the flag.
+
+fn fast_and_full(data: &str) -> (StreamFactsPair, StreamFactsPair) {
+    use tokentap_core::openai::StreamReader;
+
+    let stream = format!("data: {data}\n\n");
+    let mut fast = StreamReader::default();
+    fast.feed(stream.as_bytes(), 0);
+    let mut full = StreamReader::without_fast_path();
+    full.feed(stream.as_bytes(), 0);
+    (fast.finish(), full.finish())
+}
+
+type StreamFactsPair = (tokentap_core::openai::StreamFacts, bool);
+
+/// The SSE fast path takes any `delta.content` for generated content, also
+/// one outside `choices[]`, which the full parse (rightly) ignores.
+#[test]
+#[ignore = "known tokentap-core bug: SSE fast path counts delta.content outside choices[] as content"]
+fn fast_path_agrees_on_content_outside_choices() {
+    for data in [
+        r#"{"choices":[{"index":0}],"delta":{"content":"x"}}"#,
+        r#"{"delta":{"content":"x"},"choices":[{}]}"#,
+        r#"{"choices":[{"x":{"delta":{"content":"x"}}}]}"#,
+    ] {
+        let (fast, full) = fast_and_full(data);
+        assert_eq!(fast, full, "{data}");
+    }
+}
+
+/// The SSE fast path does not check that the event is JSON: a malformed
+/// event that looks like a content chunk is counted as content, where the
+/// full parse counts it malformed.
+#[test]
+#[ignore = "known tokentap-core bug: SSE fast path counts malformed events as content"]
+fn fast_path_agrees_on_malformed_events() {
+    for data in [
+        r#"{"choices":[{"delta":{"content":"x"}}]}}"#,
+        r#"{"choices":[{"delta":{"content":"x"}}] "#,
+        r#"{"choices":[{"delta":{"content":"x}"#,
+    ] {
+        let (fast, full) = fast_and_full(data);
+        assert_eq!(fast, full, "{data}");
+    }
+}

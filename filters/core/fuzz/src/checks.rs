@@ -83,6 +83,18 @@ pub const TARGETS: &[Target] = &[
     },
 ];
 
+/// Known defects in `tokentap-core` that a check detects but lets pass, so
+/// fuzzing can go on while the fix is pending. Each has a reproducer, an
+/// ignored test in `tests/fuzz_corpus.rs`, and an entry in
+/// `docs/fuzzing.md`; set it to `false` once fixed.
+pub mod known_issues {
+    /// The SSE fast path (`openai::quick_classify`) counts an event as
+    /// content where the full parse does not: a `delta.content` outside
+    /// `choices[]` (`{"choices":[{}],"delta":{"content":"x"}}`), and events
+    /// that are not valid JSON.
+    pub const FAST_PATH_DIVERGES: bool = true;
+}
+
 macro_rules! ensure {
     ($cond:expr, $($arg:tt)+) => {
         if !$cond {
@@ -1128,8 +1140,15 @@ fn check_framer(payload: &[u8], cuts: &[usize], reference: &RefSse) -> CheckResu
     Ok(())
 }
 
-fn run_stream(chunks: &[&[u8]], timestamps: bool) -> ((StreamFacts, bool), (StreamFacts, bool)) {
-    let mut reader = StreamReader::default();
+/// How a [`StreamReader`] is made: the shipping one, or the full parse.
+type MakeReader = fn() -> StreamReader;
+
+fn run_stream(
+    make: MakeReader,
+    chunks: &[&[u8]],
+    timestamps: bool,
+) -> ((StreamFacts, bool), (StreamFacts, bool)) {
+    let mut reader = make();
     for (i, chunk) in chunks.iter().enumerate() {
         reader.feed(chunk, if timestamps { i as u64 + 1 } else { 0 });
     }
@@ -1137,12 +1156,30 @@ fn run_stream(chunks: &[&[u8]], timestamps: bool) -> ((StreamFacts, bool), (Stre
     (snapshot, reader.finish())
 }
 
-/// `StreamReader` on an arbitrary byte stream.
+/// `StreamReader` on an arbitrary byte stream: the full parse
+/// (`StreamReader::without_fast_path`) must meet every property; the shipping
+/// reader, with its byte-search fast path, must read exactly what the full
+/// parse reads and meet them too.
 pub fn check_sse_stream(data: &[u8]) -> CheckResult {
     let (cuts, payload) = split_input(data);
+    check_stream_reader(payload, &cuts, StreamReader::without_fast_path)?;
+    let ((_, _), fast) = run_stream(StreamReader::default, &chunks_at(payload, &cuts), false);
+    let ((_, _), full) = run_stream(StreamReader::without_fast_path, &[payload], false);
+    if fast != full {
+        if known_issues::FAST_PATH_DIVERGES {
+            return Ok(());
+        }
+        return Err(format!(
+            "StreamReader fast path differs from the full parse: {fast:?} vs {full:?}"
+        ));
+    }
+    check_stream_reader(payload, &cuts, StreamReader::default)
+}
+
+fn check_stream_reader(payload: &[u8], cuts: &[usize], make: MakeReader) -> CheckResult {
     let mut results = Vec::new();
-    for (name, chunks) in chunkings(payload, &cuts) {
-        let (snapshot, finished) = run_stream(&chunks, false);
+    for (name, chunks) in chunkings(payload, cuts) {
+        let (snapshot, finished) = run_stream(make, &chunks, false);
         ensure!(
             snapshot == finished,
             "StreamReader ({name}): snapshot before finish {snapshot:?} differs from finish {finished:?}"
@@ -1159,7 +1196,7 @@ pub fn check_sse_stream(data: &[u8]) -> CheckResult {
     }
 
     // Timestamps: content times come from the chunks that completed events.
-    let ((_, _), (timed, _)) = run_stream(&chunks_at(payload, &cuts), true);
+    let ((_, _), (timed, _)) = run_stream(make, &chunks_at(payload, cuts), true);
     ensure!(
         timed.first_content_ns.is_some() == (timed.content_events > 0)
             && timed.last_content_ns.is_some() == (timed.content_events > 0)
@@ -1183,7 +1220,7 @@ pub fn check_sse_stream(data: &[u8]) -> CheckResult {
 
     // Framing against the whole-buffer reference.
     let reference = reference_sse(payload);
-    check_framer(payload, &cuts, &reference)?;
+    check_framer(payload, cuts, &reference)?;
     ensure!(
         facts.events == reference.events.len() as u64
             && facts.comments == reference.comments
@@ -1202,7 +1239,7 @@ pub fn check_sse_stream(data: &[u8]) -> CheckResult {
 
     // The same events written canonically read the same.
     let canonical = canonical_sse(&reference.events);
-    let ((_, _), (mut again, again_partial)) = run_stream(&[&canonical], false);
+    let ((_, _), (mut again, again_partial)) = run_stream(make, &[&canonical], false);
     again.comments = facts.comments;
     ensure!(
         again == *facts && !again_partial,
