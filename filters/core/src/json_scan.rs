@@ -757,7 +757,7 @@ impl JsonScanner {
 /// Length of the leading run of `bytes` that needs no attention inside a
 /// string: up to the first `"`, `\\` or control byte. Eight bytes at a time
 /// (SWAR), since string contents are most of what the scanner reads.
-fn string_run_len(bytes: &[u8]) -> usize {
+pub(crate) fn string_run_len(bytes: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let special = |b: u8| b == b'"' || b == b'\\' || b < 0x20;

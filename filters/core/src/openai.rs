@@ -431,6 +431,53 @@ enum Quick {
     Empty,
 }
 
+/// Whether `data` is one balanced JSON object: strings closed, brackets
+/// matched, nothing after the final `}`. Truncated or run-together events
+/// fail this and take the full parse (which counts them as malformed); the
+/// fast path does not validate every token beyond that.
+fn balanced(data: &[u8]) -> bool {
+    let mut stack: [u8; 16] = [0; 16];
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < data.len() {
+        let b = data[i];
+        match b {
+            b'"' => {
+                // Skip the string: runs of plain bytes at a time, escapes by two.
+                i += 1;
+                loop {
+                    i += crate::json_scan::string_run_len(&data[i..]);
+                    match data.get(i) {
+                        Some(b'"') => break,
+                        Some(b'\\') => i += 2,
+                        _ => return false,
+                    }
+                }
+            }
+            b'{' | b'[' => {
+                if depth == stack.len() {
+                    return false;
+                }
+                stack[depth] = b;
+                depth += 1;
+            }
+            b'}' | b']' => {
+                let open = if b == b'}' { b'{' } else { b'[' };
+                if depth == 0 || stack[depth - 1] != open {
+                    return false;
+                }
+                depth -= 1;
+                if depth == 0 && i + 1 != data.len() {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    depth == 0
+}
+
 /// Where the keys the fast path cares about first appear, and how often.
 #[derive(Default)]
 struct KeyScan {
@@ -452,7 +499,7 @@ struct KeyScan {
 /// followed by `content":` can only be the structure itself.
 fn quick_classify(data: &[u8], want_model: bool) -> Option<Quick> {
     let data = data.trim_ascii();
-    if !(data.starts_with(b"{") && data.ends_with(b"}")) {
+    if !(data.starts_with(b"{") && data.ends_with(b"}")) || !balanced(data) {
         return None;
     }
     let mut k = KeyScan::default();
@@ -504,8 +551,10 @@ fn quick_classify(data: &[u8], want_model: bool) -> Option<Quick> {
     };
     let field = match (k.content_count, k.text_count, k.content, k.text) {
         (1, 0, Some(c), _) => {
+            // `delta` must be a member of the first choice, and `content` a
+            // member of `delta`.
             let d = k.delta?;
-            if !same_object(d + 9, c) {
+            if !same_object(choices + 12, d) || !same_object(d + 9, c) {
                 return None;
             }
             c + 10
@@ -802,6 +851,12 @@ mod tests {
             br#"{"choices":[{"delta":{"role":"x"},"content":"x"}]}"#,
             br#"{"choices":[{"delta":{"content":"x"}}],"extra":{"content":"y"}}"#,
             br#"{"choices":[{"index":0,"logprobs":{"text":"x"}}]}"#,
+            br#"{"choices":[{"index":0}],"delta":{"content":"x"}}"#,
+            br#"{"delta":{"content":"x"},"choices":[{}]}"#,
+            br#"{"choices":[{"x":{"delta":{"content":"x"}}}]}"#,
+            br#"{"choices":[{"delta":{"content":"x"}}]}}"#,
+            br#"{"choices":[{"delta":{"content":"x"}}] "#,
+            br#"{"choices":[{"delta":{"content":"x}"#,
         ] {
             assert_eq!(
                 quick_classify(slow, true),
