@@ -4,6 +4,9 @@
 //! Compare with `bench/gateway.py`, which measures the filter inside Envoy:
 //! the difference is the wasm runtime and Envoy's side of the host calls.
 
+// A benchmark binary: failing loudly on a broken setup is what we want.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::Instant;

@@ -318,16 +318,15 @@ impl JsonVisitor for EventVisitor<'_> {
             Some(b"message") => {
                 self.facts.usage.absorb(path, &value, &["message", "usage"]);
             }
-            Some(b"model") if path.len() == 1 => {
-                if self.want_model {
-                    self.facts.model = value.as_str().and_then(keep_text);
-                }
+            Some(b"model") if path.len() == 1 && self.want_model => {
+                self.facts.model = value.as_str().and_then(keep_text);
             }
-            Some(b"error") if path.len() == 2 => {
-                if matches!(path.key(1), Some(b"type" | b"code")) && self.facts.error_type.is_none()
-                {
-                    self.facts.error_type = value.as_str().and_then(keep_text);
-                }
+            Some(b"error")
+                if path.len() == 2
+                    && matches!(path.key(1), Some(b"type" | b"code"))
+                    && self.facts.error_type.is_none() =>
+            {
+                self.facts.error_type = value.as_str().and_then(keep_text);
             }
             Some(b"delta") if path.len() == 2 && path.key(1) == Some(b"text") => {
                 if let Scalar::Str { len, .. } = value {
@@ -499,7 +498,7 @@ struct KeyScan {
 /// followed by `content":` can only be the structure itself.
 fn quick_classify(data: &[u8], want_model: bool) -> Option<Quick> {
     let data = data.trim_ascii();
-    if !(data.starts_with(b"{") && data.ends_with(b"}")) || !balanced(data) {
+    if !(data.starts_with(b"{") && data.ends_with(b"}") && balanced(data)) {
         return None;
     }
     let mut k = KeyScan::default();

