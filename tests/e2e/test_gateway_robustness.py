@@ -118,7 +118,12 @@ SWEEP = {
 def test_malformed_input_sweep_passes_through_unharmed(logdir, wasm_path, upstream):
     for name, (script, _) in SWEEP.items():
         upstream.script(f"/sweep/{name}{CHAT}", script)
-    envoy = start_envoy(logdir, stable_port=upstream.port)
+
+    def sweep_route(cfg):
+        routes = hcm_of(cfg)["route_config"]["virtual_hosts"][0]["routes"]
+        routes.insert(0, {"name": "chat", "match": {"prefix": "/sweep/"}, "route": {"cluster": "llm_stable", "timeout": "30s"}})
+
+    envoy = start_envoy(logdir, stable_port=upstream.port, edit=sweep_route)
     try:
         for name, (script, _) in SWEEP.items():
             payload = {"model": "mistral-7b", "messages": [], "stream": True}
