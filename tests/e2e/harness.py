@@ -300,13 +300,11 @@ def sse_events(body: bytes) -> list[bytes]:
     return events
 
 
-def stream_timed(url: str, payload: dict, headers: Mapping[str, str] | None = None, timeout: float = 60.0):
-    """POST and read the response incrementally over a raw socket.
+def post_raw(url: str, payload: dict, headers: Mapping[str, str] | None = None, timeout: float = 60.0):
+    """Writes a JSON POST (HTTP/1.1, `connection: close`) on a new socket.
 
-    Returns (status, headers, raw_body_bytes, chunk_times) where chunk_times are
-    (seconds since the request was written, bytes) for every read, so a test can
-    see when the first SSE event arrived at the client.
-    """
+    Returns the socket, to read the response from, and the monotonic time
+    the request was written, so callers can time what arrives."""
     u = urllib.parse.urlsplit(url)
     body = json.dumps(payload).encode()
     hdrs = {"host": f"{u.hostname}:{u.port}", "content-type": "application/json", "content-length": str(len(body))}
@@ -315,6 +313,17 @@ def stream_timed(url: str, payload: dict, headers: Mapping[str, str] | None = No
     sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
     t0 = time.monotonic()
     sock.sendall(req.encode() + body)
+    return sock, t0
+
+
+def stream_timed(url: str, payload: dict, headers: Mapping[str, str] | None = None, timeout: float = 60.0):
+    """POST and read the response incrementally over a raw socket.
+
+    Returns (status, headers, raw_body_bytes, chunk_times) where chunk_times are
+    (seconds since the request was written, bytes) for every read, so a test can
+    see when the first SSE event arrived at the client.
+    """
+    sock, t0 = post_raw(url, payload, headers, timeout)
     raw = bytearray()
     times = []
     while True:

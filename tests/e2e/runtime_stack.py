@@ -14,19 +14,16 @@ side by side so a test can compare them at the same moment, and
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from harness import Proc, Scrape, bin_path, get, scrape, wait_until
+from harness import Proc, Scrape, bin_path, get, post_raw, scrape, wait_until
 
 #: The platform's workload labels (README), as pod labels.
 WORKLOAD_POD_LABELS = {
@@ -89,14 +86,7 @@ class TimedStream:
 
 def timed_sse(url: str, payload: dict, headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> TimedStream:
     """POST and time every SSE event as it arrives (HTTP/1.1, chunked)."""
-    u = urllib.parse.urlsplit(url)
-    body = json.dumps(payload).encode()
-    hdrs = {"host": f"{u.hostname}:{u.port}", "content-type": "application/json", "content-length": str(len(body))}
-    hdrs.update(headers or {})
-    req = f"POST {u.path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "connection: close\r\n\r\n"
-    sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
-    t0 = time.monotonic()
-    sock.sendall(req.encode() + body)
+    sock, t0 = post_raw(url, payload, headers, timeout)
     raw = bytearray()
     reads: list[tuple[float, int]] = []  # (time, end offset)
     error = None

@@ -78,32 +78,16 @@ impl<'a> Path<'a> {
 
     /// True when the path is exactly `pattern`, where `"[]"` matches an array
     /// element and any other string an object key. `matches(&["usage",
-    /// "prompt_tokens"])`.
-    pub fn matches(&self, pattern: &[&str]) -> bool {
+    /// "prompt_tokens"])`; configured paths pass their owned `String`s.
+    pub fn matches<S: AsRef<str>>(&self, pattern: &[S]) -> bool {
         self.complete
             && self.segments.len() == pattern.len()
-            && self
-                .segments
-                .iter()
-                .zip(pattern)
-                .all(|(seg, pat)| match seg.as_segment(self.keys) {
-                    Segment::Index => *pat == "[]",
-                    Segment::Key(k) => *pat != "[]" && k == pat.as_bytes(),
-                })
-    }
-
-    /// Like [`Path::matches`] with a pre-split owned pattern (configured paths).
-    pub fn matches_owned(&self, pattern: &[String]) -> bool {
-        self.complete
-            && self.segments.len() == pattern.len()
-            && self
-                .segments
-                .iter()
-                .zip(pattern)
-                .all(|(seg, pat)| match seg.as_segment(self.keys) {
-                    Segment::Index => pat == "[]",
-                    Segment::Key(k) => pat != "[]" && k == pat.as_bytes(),
-                })
+            && self.segments.iter().zip(pattern).all(|(seg, pat)| {
+                match (seg.as_segment(self.keys), pat.as_ref()) {
+                    (Segment::Index, p) => p == "[]",
+                    (Segment::Key(k), p) => p != "[]" && k == p.as_bytes(),
+                }
+            })
     }
 }
 

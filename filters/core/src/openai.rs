@@ -140,9 +140,9 @@ impl JsonVisitor for RequestVisitor<'_> {
             };
         } else if path.matches(&["max_tokens"]) || path.matches(&["max_completion_tokens"]) {
             self.facts.max_tokens = value.as_u64();
-        } else if self.collection_field.is_some_and(|f| path.matches_owned(f)) {
+        } else if self.collection_field.is_some_and(|f| path.matches(f)) {
             self.facts.rag_collection = value.as_str().and_then(keep_text);
-        } else if self.top_k_field.is_some_and(|f| path.matches_owned(f)) {
+        } else if self.top_k_field.is_some_and(|f| path.matches(f)) {
             self.facts.rag_top_k = value
                 .as_u64()
                 .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()));
