@@ -255,12 +255,13 @@ def report(stack: Stack, seen: dict) -> None:
         temp = e.value("llm_gpu_temperature_celsius", gpu_uuid=l["gpu_uuid"])
         print(f"{l.get('gpu', ''):<4}{l.get('pod', ''):<16}{l.get('model', ''):<12}{l.get('route_class', ''):<13}{l.get('team', ''):<13}"
               f"{smp.value * 100:>5.0f}%{mem / GIB:>8.1f}Gi{temp:>5.0f}C")
-    print(f"\n{'runtime pod':<16}{'up':>3}{'running':>9}{'waiting':>9}{'kv cache':>10}{'queue p95 s':>13}{'gen tokens':>12}")
+    print(f"\n{'runtime pod':<16}{'up':>3}{'running':>9}{'waiting':>9}{'kv cache':>10}{'queue mean s':>14}{'gen tokens':>12}")
     for smp in sorted(e.series("llm_runtime_up"), key=lambda x: x.labels["pod"]):
         pod = smp.labels["pod"]
-        queue = quantile(e, "llm_runtime_queue_time_seconds", 0.95, pod=pod)
+        n = e.value("llm_runtime_queue_time_seconds_count", pod=pod)
+        queue = e.value("llm_runtime_queue_time_seconds_sum", pod=pod) / n if n else 0.0
         print(f"{pod:<16}{int(smp.value):>3}{e.value('llm_runtime_requests_running', pod=pod):>9.0f}{e.value('llm_runtime_requests_waiting', pod=pod):>9.0f}"
-              f"{e.value('llm_runtime_kv_cache_usage_ratio', pod=pod) * 100:>9.1f}%{(queue or 0):>13.3f}{e.value('llm_runtime_generation_tokens_total', pod=pod):>12.0f}")
+              f"{e.value('llm_runtime_kv_cache_usage_ratio', pod=pod) * 100:>9.1f}%{queue:>14.3f}{e.value('llm_runtime_generation_tokens_total', pod=pod):>12.0f}")
 
     spans = stack.collector.wait_for_spans(1, timeout=10)
     print(f"\n== Traces: {len(spans)} gateway spans received over OTLP/HTTP ==")
