@@ -333,6 +333,26 @@ fn error_response(
     json_response(status_code, error_body(message, kind, param, status))
 }
 
+/// The served model a request names (the first one when it names none), or
+/// vLLM's 404 for a model this server does not serve.
+fn served_model(state: &AppState, requested: &str) -> Result<String, Box<Response<Body>>> {
+    let model = if requested.is_empty() {
+        state.models.first().cloned().unwrap_or_default()
+    } else {
+        requested.to_string()
+    };
+    if state.models.contains(&model) {
+        Ok(model)
+    } else {
+        Err(Box::new(error_response(
+            404,
+            &format!("The model `{model}` does not exist."),
+            Some("NotFoundError"),
+            Some("model"),
+        )))
+    }
+}
+
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get(name)
@@ -549,19 +569,10 @@ async fn generation(
         Ok(p) => p,
         Err(e) => return error_response(400, &e.to_string(), None, None),
     };
-    let model = if parsed.model.is_empty() {
-        state.models.first().cloned().unwrap_or_default()
-    } else {
-        parsed.model.clone()
+    let model = match served_model(state, &parsed.model) {
+        Ok(m) => m,
+        Err(response) => return *response,
     };
-    if !state.models.contains(&model) {
-        return error_response(
-            404,
-            &format!("The model `{model}` does not exist."),
-            Some("NotFoundError"),
-            Some("model"),
-        );
-    }
     let runtime = state.runtime();
     let (inject_error, inject_reset) = {
         let mut rng = lock(&state.rng);
@@ -884,19 +895,10 @@ async fn embeddings(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         Ok(p) => p,
         Err(e) => return error_response(400, &e.to_string(), None, None),
     };
-    let model = if parsed.model.is_empty() {
-        state.models.first().cloned().unwrap_or_default()
-    } else {
-        parsed.model.clone()
+    let model = match served_model(state, &parsed.model) {
+        Ok(m) => m,
+        Err(response) => return *response,
     };
-    if !state.models.contains(&model) {
-        return error_response(
-            404,
-            &format!("The model `{model}` does not exist."),
-            Some("NotFoundError"),
-            Some("model"),
-        );
-    }
     let tokens: u64 = parsed.inputs.iter().map(|(t, _)| u64::from(*t)).sum();
     let latency = lock(&state.engine).latency();
     let wait_us = latency.prefill_us(tokens, header_num(&parts.headers, "x-sim-ttft-ms"));
