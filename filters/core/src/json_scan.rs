@@ -529,7 +529,7 @@ impl JsonScanner {
                         kind: FrameKind::Array,
                         has_segment: true,
                     });
-                    self.push_segment(None);
+                    self.push_index_segment();
                     self.state = State::ArrayFirst;
                 }
             }
@@ -581,26 +581,17 @@ impl JsonScanner {
         };
     }
 
-    /// Pushes a path segment: `None` for an array element, else a key.
-    fn push_segment(&mut self, key: Option<(&[u8], bool)>) {
+    /// Pushes the `[]` segment of an array's elements (keys are pushed by
+    /// [`JsonScanner::push_key_from_buf`]).
+    fn push_index_segment(&mut self) {
         self.depth += 1;
         if self.path.len() < MAX_TRACKED_DEPTH && self.depth == self.path.len() + 1 {
-            let mut seg = SegmentMeta {
+            self.path.push(SegmentMeta {
                 start: self.path_keys.len() as u16,
                 len: 0,
-                is_index: key.is_none(),
+                is_index: true,
                 overlong: false,
-            };
-            if let Some((bytes, overlong)) = key {
-                let n = bytes.len().min(MAX_KEY_LEN);
-                self.path_keys.extend_from_slice(&bytes[..n]);
-                seg.len = n as u8;
-                seg.overlong = overlong;
-            }
-            if seg.overlong {
-                self.overlong_keys += 1;
-            }
-            self.path.push(seg);
+            });
         }
     }
 
