@@ -66,13 +66,17 @@ pub fn plugin() -> &'static Plugin {
 /// A `.wasm` older than the filter's sources would test old code.
 fn assert_fresh(wasm: &Path) {
     let built = modified(wasm);
-    for dir in ["filters/core/src", "filters/wasm/src"] {
-        for entry in std::fs::read_dir(workspace().join(dir))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+    let mut dirs = vec![
+        workspace().join("filters/core/src"),
+        workspace().join("filters/wasm/src"),
+    ];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let source = entry.path();
+            if source.is_dir() {
+                dirs.push(source);
+                continue;
+            }
             assert!(
                 modified(&source) <= built,
                 "{} is older than {}: rebuild it with `cargo build -p tokentap-filter --target wasm32-wasip1 --release`",
