@@ -46,6 +46,22 @@ impl Plugin {
     }
 }
 
+/// The imports this host implements, as `(module, name)`; a module's other
+/// imports get stubs that refuse.
+pub fn implemented() -> Vec<(String, String)> {
+    let engine = Engine::default();
+    let mut linker = Linker::new(&engine);
+    let mut imports = Imports {
+        linker: &mut linker,
+        defined: Default::default(),
+    };
+    let defined = crate::env::define(&mut imports).and_then(|()| crate::wasi::define(&mut imports));
+    match defined {
+        Ok(()) => imports.defined.into_iter().collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// One VM: the instantiated module and everything the host holds for it.
 pub struct TestHost {
     store: Store<HostState>,

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 pub use abi::{errno, Action, BufferType, LogLevel, MapType, MetricKind, Status, StreamType};
 pub use calls::{HostCall, Recorded, WasiCall};
 pub use headers::Headers;
-pub use host::{Plugin, TestHost};
+pub use host::{implemented, Plugin, TestHost};
 pub use metrics::{parse_stat_name, Metric, Metrics};
 pub use state::{
     filter_state_key, property_key, HostState, HttpCall, HttpCallResponse, LocalResponse, LogLine,

@@ -10,6 +10,7 @@
 mod common;
 mod configure;
 mod filter_state;
+mod host;
 mod malformed;
 mod metrics;
 mod passthrough;
