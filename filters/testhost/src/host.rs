@@ -10,7 +10,7 @@ use crate::calls::Recorded;
 use crate::env::Imports;
 use crate::headers::Headers;
 use crate::metrics::Metrics;
-use crate::state::{property_key, HostState, HttpCallResponse, Property, Stream};
+use crate::state::{property_key, HostState, HttpCallResponse, Property, Side, Stream};
 use crate::Error;
 
 /// A compiled module; compile once, then start any number of [`TestHost`]s.
@@ -265,9 +265,7 @@ impl TestHost {
         headers: Headers,
         end_of_stream: bool,
     ) -> Result<Action, Error> {
-        let n = len32n(headers.len());
-        self.stream_mut(id)?.request_headers = Some(headers);
-        self.callback(id, "proxy_on_request_headers", n, end_of_stream)
+        self.headers(id, Side::Request, headers, end_of_stream)
     }
 
     /// One request body chunk. While the module pauses, chunks accumulate
@@ -279,24 +277,11 @@ impl TestHost {
         chunk: &[u8],
         end_of_stream: bool,
     ) -> Result<Action, Error> {
-        let body = self
-            .stream_mut(id)?
-            .request_body
-            .get_or_insert_with(Vec::new);
-        body.extend_from_slice(chunk);
-        let size = len32(body);
-        let action = self.callback(id, "proxy_on_request_body", size, end_of_stream)?;
-        if action == Action::Continue {
-            self.stream_mut(id)?.release_request();
-        }
-        Ok(action)
+        self.body(id, Side::Request, chunk, end_of_stream)
     }
 
     pub fn request_trailers(&mut self, id: u32, trailers: Headers) -> Result<Action, Error> {
-        let n = len32n(trailers.len());
-        self.stream_mut(id)?.request_trailers = Some(trailers);
-        let action = self.call::<(u32, u32), u32>(id, "proxy_on_request_trailers", (id, n))?;
-        Ok(Action::from(action))
+        self.trailers(id, Side::Request, trailers)
     }
 
     pub fn response_headers(
@@ -305,9 +290,7 @@ impl TestHost {
         headers: Headers,
         end_of_stream: bool,
     ) -> Result<Action, Error> {
-        let n = len32n(headers.len());
-        self.stream_mut(id)?.response_headers = Some(headers);
-        self.callback(id, "proxy_on_response_headers", n, end_of_stream)
+        self.headers(id, Side::Response, headers, end_of_stream)
     }
 
     /// One response body chunk, buffered like [`TestHost::request_body`].
@@ -317,23 +300,52 @@ impl TestHost {
         chunk: &[u8],
         end_of_stream: bool,
     ) -> Result<Action, Error> {
+        self.body(id, Side::Response, chunk, end_of_stream)
+    }
+
+    pub fn response_trailers(&mut self, id: u32, trailers: Headers) -> Result<Action, Error> {
+        self.trailers(id, Side::Response, trailers)
+    }
+
+    fn headers(
+        &mut self,
+        id: u32,
+        side: Side,
+        headers: Headers,
+        end_of_stream: bool,
+    ) -> Result<Action, Error> {
+        let n = len32n(headers.len());
+        *self.stream_mut(id)?.headers_mut(side) = Some(headers);
+        let name = side.pick("proxy_on_request_headers", "proxy_on_response_headers");
+        self.callback(id, name, n, end_of_stream)
+    }
+
+    fn body(
+        &mut self,
+        id: u32,
+        side: Side,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> Result<Action, Error> {
         let body = self
             .stream_mut(id)?
-            .response_body
+            .body_mut(side)
             .get_or_insert_with(Vec::new);
         body.extend_from_slice(chunk);
         let size = len32(body);
-        let action = self.callback(id, "proxy_on_response_body", size, end_of_stream)?;
+        let name = side.pick("proxy_on_request_body", "proxy_on_response_body");
+        let action = self.callback(id, name, size, end_of_stream)?;
         if action == Action::Continue {
-            self.stream_mut(id)?.release_response();
+            self.stream_mut(id)?.release(side);
         }
         Ok(action)
     }
 
-    pub fn response_trailers(&mut self, id: u32, trailers: Headers) -> Result<Action, Error> {
+    fn trailers(&mut self, id: u32, side: Side, trailers: Headers) -> Result<Action, Error> {
         let n = len32n(trailers.len());
-        self.stream_mut(id)?.response_trailers = Some(trailers);
-        let action = self.call::<(u32, u32), u32>(id, "proxy_on_response_trailers", (id, n))?;
+        *self.stream_mut(id)?.trailers_mut(side) = Some(trailers);
+        let name = side.pick("proxy_on_request_trailers", "proxy_on_response_trailers");
+        let action = self.call::<(u32, u32), u32>(id, name, (id, n))?;
         Ok(Action::from(action))
     }
 

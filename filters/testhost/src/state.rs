@@ -74,17 +74,50 @@ pub struct Stream {
     pub local_response: Option<LocalResponse>,
 }
 
+/// Which half of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Request,
+    Response,
+}
+
+impl Side {
+    pub fn pick<T>(self, request: T, response: T) -> T {
+        match self {
+            Side::Request => request,
+            Side::Response => response,
+        }
+    }
+}
+
 impl Stream {
-    /// Moves a body the module released to the forwarded bytes.
-    pub(crate) fn release_request(&mut self) {
-        if let Some(b) = self.request_body.take() {
-            self.forwarded_request_body.extend_from_slice(&b);
+    pub(crate) fn headers_mut(&mut self, side: Side) -> &mut Option<Headers> {
+        match side {
+            Side::Request => &mut self.request_headers,
+            Side::Response => &mut self.response_headers,
         }
     }
 
-    pub(crate) fn release_response(&mut self) {
-        if let Some(b) = self.response_body.take() {
-            self.forwarded_response_body.extend_from_slice(&b);
+    pub(crate) fn trailers_mut(&mut self, side: Side) -> &mut Option<Headers> {
+        match side {
+            Side::Request => &mut self.request_trailers,
+            Side::Response => &mut self.response_trailers,
+        }
+    }
+
+    pub(crate) fn body_mut(&mut self, side: Side) -> &mut Option<Vec<u8>> {
+        match side {
+            Side::Request => &mut self.request_body,
+            Side::Response => &mut self.response_body,
+        }
+    }
+
+    /// Moves a body the module let go of to the forwarded bytes.
+    pub(crate) fn release(&mut self, side: Side) {
+        let body = self.body_mut(side).take().unwrap_or_default();
+        match side {
+            Side::Request => self.forwarded_request_body.extend_from_slice(&body),
+            Side::Response => self.forwarded_response_body.extend_from_slice(&body),
         }
     }
 }

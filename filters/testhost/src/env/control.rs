@@ -4,7 +4,7 @@ use crate::abi::{Status, StreamType};
 use crate::calls::HostCall;
 use crate::guest::{host_call, read, read_str, write_u32, Abort, Ctx, Outcome};
 use crate::headers::Headers;
-use crate::state::{HttpCall, LocalResponse};
+use crate::state::{HttpCall, LocalResponse, Side};
 
 use super::Imports;
 
@@ -79,13 +79,14 @@ fn define_stream_control(i: &mut Imports<'_>) -> Result<(), wasmi::Error> {
         |mut c: Ctx<'_>, stream: u32| {
             host_call(&mut c, "proxy_continue_stream", |c| {
                 let stream = StreamType::from(stream);
-                let status = match (c.data_mut().stream(), stream) {
-                    (Some(st), StreamType::Request) => {
-                        st.release_request();
-                        Status::Ok
-                    }
-                    (Some(st), StreamType::Response) => {
-                        st.release_response();
+                let side = match stream {
+                    StreamType::Request => Some(Side::Request),
+                    StreamType::Response => Some(Side::Response),
+                    _ => None,
+                };
+                let status = match (c.data_mut().stream(), side) {
+                    (Some(st), Some(side)) => {
+                        st.release(side);
                         Status::Ok
                     }
                     _ => Status::BadArgument,

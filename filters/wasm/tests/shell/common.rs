@@ -334,6 +334,15 @@ impl Gateway {
         self.host.metrics()
     }
 
+    /// The request body bytes the filter let through to the upstream.
+    pub fn forwarded_request(&self, context_id: u32) -> &[u8] {
+        &self
+            .host
+            .stream(context_id)
+            .expect("stream")
+            .forwarded_request_body
+    }
+
     /// Host calls made in one context.
     pub fn calls_in(&self, context_id: u32) -> Vec<&Recorded> {
         self.host

@@ -44,13 +44,7 @@ fn a_request_the_filter_ignores_asks_only_for_its_request_headers() {
             req.path
         );
         assert!(out.request_actions.iter().all(|a| *a == Action::Continue));
-        assert_eq!(
-            gw.host
-                .stream(out.context_id)
-                .unwrap()
-                .forwarded_request_body,
-            req.body_bytes()
-        );
+        assert_eq!(gw.forwarded_request(out.context_id), req.body_bytes());
     }
     assert!(gw
         .settle()
@@ -109,13 +103,7 @@ fn response_callbacks_always_continue_and_bodies_pass_unmodified() {
             vec![Action::Continue; 1 + pieces],
             "response {i}: headers and every body piece continue"
         );
-        assert_eq!(
-            gw.host
-                .stream(out.context_id)
-                .unwrap()
-                .forwarded_request_body,
-            req.body_bytes()
-        );
+        assert_eq!(gw.forwarded_request(out.context_id), req.body_bytes());
         let edits: Vec<_> = gw.host.calls()[before..]
             .iter()
             .filter(|r| {
@@ -199,13 +187,7 @@ fn include_usage_is_injected_into_streaming_requests_that_lack_it() {
     asked["stream_options"] = json!({"include_usage": true});
     let req = Req::post(CHAT, &asked);
     let out = gw.exchange(&req, &Resp::sse(vec![(ms(10), DONE.to_vec())], 4));
-    assert_eq!(
-        gw.host
-            .stream(out.context_id)
-            .unwrap()
-            .forwarded_request_body,
-        req.body_bytes()
-    );
+    assert_eq!(gw.forwarded_request(out.context_id), req.body_bytes());
 
     let m = gw.settle();
     assert_eq!(
