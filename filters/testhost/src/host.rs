@@ -121,9 +121,10 @@ impl TestHost {
         self.state().streams.get(&context_id)
     }
 
-    /// Calls an export with `context_id` as the active context. A trap is
-    /// an [`Error::Trap`] carrying the captured log.
-    fn call<P: WasmParams, R: WasmResults>(
+    /// Calls any export with `context_id` as the active context (the
+    /// lifecycle methods below use it). A trap is an [`Error::Trap`]
+    /// carrying the captured log.
+    pub fn call<P: WasmParams, R: WasmResults>(
         &mut self,
         context_id: u32,
         name: &str,
