@@ -32,7 +32,10 @@ fn section(id: u8, items: &[Vec<u8>], out: &mut Vec<u8>) {
     out.extend(body);
 }
 
-fn entry(parts: &[&dyn Fn(&mut Vec<u8>)]) -> Vec<u8> {
+/// Writes one piece of an entry.
+type Part<'a> = &'a dyn Fn(&mut Vec<u8>);
+
+fn entry(parts: &[Part<'_>]) -> Vec<u8> {
     let mut v = Vec::new();
     parts.iter().for_each(|p| p(&mut v));
     v
