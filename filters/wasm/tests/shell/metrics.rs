@@ -28,6 +28,10 @@ fn a_chat_request_is_counted_with_its_reported_usage() {
     gw.exchange(&req, &resp);
     let m = gw.settle();
 
+    // The stat name as docs/metrics.md spells it (Istio's encoding).
+    let name = "route=.=chat;.;tenant=.=acme;.;model=.=mistral-7b;.;route_class=.=interactive;.;\
+                team=.=platform-ai;.;backend=.=llm_stable;.;status=.=200;.;llm_gateway_requests_total";
+    assert_eq!(m.get(name).map(|s| s.value), Some(1), "{:#?}", m.all());
     let tenant = ("tenant", "acme");
     assert_eq!(m.total(REQUESTS, &with(&[tenant, ("status", "200")])), 1);
     assert_eq!(m.total(REQUESTS, &[]), 1);
@@ -260,4 +264,52 @@ fn the_active_gauge_counts_requests_in_flight() {
     assert_eq!(active(&mut gw), 0);
     assert_eq!(gw.settle().total(REQUESTS, &[]), 2);
     gw.assert_healthy();
+}
+
+/// `docs/metrics.md`'s table: metric name -> its labels, in order.
+fn documented_families() -> Vec<(String, Vec<String>)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("| `llm_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let labels = cells[4]
+                .split(',')
+                .map(|c| c.trim().trim_matches('`').to_string());
+            let labels = labels.filter(|c| !c.is_empty() && c != "—").collect();
+            (cells[1].trim_matches('`').to_string(), labels)
+        })
+        .collect()
+}
+
+#[test]
+fn every_stat_the_module_defines_is_documented_with_its_labels() {
+    let mut gw = Gateway::shipped();
+    gw.exchange(
+        &Req::post(CHAT, &chat_body(false)),
+        &Resp::json(200, &chat_response()),
+    );
+    gw.exchange(
+        &streaming_request(true),
+        &Resp::sse(stream_phases(true), 11),
+    );
+    gw.exchange(
+        &streaming_request(false),
+        &Resp::sse(vec![(ms(5), b"data: {oops\n\n".to_vec())], 4),
+    );
+    gw.exchange(
+        &Req::post(CHAT, &chat_body(false)),
+        &Resp::raw(502, "text/plain", b"bad gateway".to_vec()),
+    );
+    let docs = documented_families();
+    let m = gw.settle();
+    assert!(m.all().len() > 10, "{:#?}", m.all());
+    for stat in m.all() {
+        let Some((_, labels)) = docs.iter().find(|(name, _)| name == stat.family()) else {
+            panic!("{} is not in docs/metrics.md", stat.name);
+        };
+        let keys: Vec<&str> = stat.labels().iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, *labels, "labels of {}", stat.name);
+    }
 }

@@ -90,6 +90,22 @@ fn spans_are_exported_on_the_tick_and_the_answer_is_counted() {
         ),
         1
     );
+
+    // 200 with an OTLP partial success: one span rejected by the collector.
+    one_request(&mut gw);
+    gw.settle();
+    let token = gw.host.state().http_calls.last().unwrap().token;
+    let partial = HttpCallResponse {
+        body: vec![0x0a, 0x02, 0x08, 0x01],
+        ..answer("200")
+    };
+    gw.host.http_call_response(token, partial).must();
+    let m = gw.settle();
+    assert_eq!(
+        m.total("llm_gateway_spans_dropped_total", &[("reason", "rejected")]),
+        1
+    );
+    assert_eq!(m.total("llm_gateway_spans_exported_total", &[]), 1);
     gw.assert_healthy();
 }
 
