@@ -313,3 +313,53 @@ fn every_stat_the_module_defines_is_documented_with_its_labels() {
         assert_eq!(keys, *labels, "labels of {}", stat.name);
     }
 }
+
+#[test]
+fn a_stream_cut_before_its_end_is_still_counted() {
+    let mut gw = Gateway::shipped();
+    let req = streaming_request(true);
+    let id = gw.open(&req);
+    gw.send_request(id, &req);
+    // The role chunk and the first content event, then half of the next
+    // event, and the stream ends without end of stream.
+    let mut phases = stream_phases(true);
+    phases.truncate(2);
+    let half = content_chunk("lo");
+    phases.push((ms(10), half[..half.len() / 2].to_vec()));
+    gw.host.advance(crate::common::TTFB).unwrap();
+    let headers =
+        crate::common::Headers::new([(":status", "200"), ("content-type", "text/event-stream")]);
+    gw.host.response_headers(id, headers, false).unwrap();
+    for (after, bytes) in &phases {
+        gw.host.advance(*after).unwrap();
+        assert_eq!(
+            gw.host.response_body(id, bytes, false).unwrap(),
+            tokentap_testhost::Action::Continue
+        );
+    }
+    gw.host.finish(id).unwrap();
+    let m = gw.settle();
+    assert_eq!(m.total(REQUESTS, &[("tenant", "acme")]), 1);
+    assert_eq!(m.total("llm_gateway_active_requests", &[]), 0);
+    assert_eq!(
+        m.samples("llm_gateway_time_to_first_token_milliseconds", &WORKLOAD),
+        [250]
+    );
+    let errors: Vec<_> = m
+        .series("llm_gateway_errors_total", &[])
+        .filter(|s| s.value > 0)
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let kind = errors[0]
+        .labels()
+        .into_iter()
+        .find(|(k, _)| *k == "error_type")
+        .unwrap()
+        .1;
+    assert!(
+        ["upstream_reset", "client_abort", "stream_error"].contains(&kind),
+        "{kind}"
+    );
+    assert_eq!(errors[0].value, 1);
+    gw.assert_healthy();
+}

@@ -225,3 +225,45 @@ fn without_include_usage_configured_request_bodies_are_never_held() {
         .is_some());
     gw.assert_healthy();
 }
+
+#[test]
+fn a_request_too_large_to_rewrite_is_released_unchanged() {
+    let mut config: serde_json::Value =
+        serde_json::from_str(&crate::common::shipped_config()).unwrap();
+    config["usage"] = json!({"inject_include_usage": true, "max_request_buffer_bytes": 1024});
+    let mut gw = Gateway::with_config(&config.to_string());
+    let mut body = chat_body(true);
+    body["messages"][0]["content"] = json!("x".repeat(3000));
+    let bytes = body.to_string().into_bytes();
+    let mut chunks: Vec<Vec<u8>> = bytes.chunks(500).map(<[u8]>::to_vec).collect();
+    chunks.push(Vec::new()); // an empty last DATA frame carrying end of stream
+    let req = Req::post(CHAT, &body).raw_body(chunks);
+    let out = gw.exchange(&req, &Resp::sse(vec![(ms(10), DONE.to_vec())], 4));
+    assert_eq!(gw.forwarded_request(out.context_id), bytes);
+    assert_eq!(out.request_actions.last(), Some(&Action::Continue));
+    let m = gw.settle();
+    assert_eq!(
+        m.total(
+            "llm_gateway_usage_injections_total",
+            &[("result", "too_large")]
+        ),
+        1
+    );
+    gw.assert_healthy();
+}
+
+#[test]
+fn include_usage_rewrite_survives_an_empty_last_chunk() {
+    let mut gw = injecting_gateway();
+    let bytes = chat_body(true).to_string().into_bytes();
+    let req = Req::post(CHAT, &chat_body(true)).raw_body(vec![bytes.clone(), Vec::new()]);
+    let out = gw.exchange(&req, &Resp::sse(vec![(ms(10), DONE.to_vec())], 4));
+    assert_eq!(
+        out.request_actions,
+        [Action::Continue, Action::Pause, Action::Continue]
+    );
+    let sent: serde_json::Value =
+        serde_json::from_slice(gw.forwarded_request(out.context_id)).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    gw.assert_healthy();
+}
