@@ -363,3 +363,41 @@ fn a_stream_cut_before_its_end_is_still_counted() {
     assert_eq!(errors[0].value, 1);
     gw.assert_healthy();
 }
+
+#[test]
+fn interleaved_streams_keep_their_own_state() {
+    let mut gw = Gateway::shipped();
+    let (a_req, b_req) = (
+        streaming_request(true),
+        streaming_request(true).header("x-tenant-id", "globex"),
+    );
+    let (a, b) = (gw.open(&a_req), gw.open(&b_req));
+    gw.send_request(a, &a_req);
+    gw.send_request(b, &b_req);
+    let sse = |n: u64| {
+        let usage = json!({"choices": [], "usage": {"prompt_tokens": n, "completion_tokens": n}});
+        [content_chunk("x"), event(&usage), DONE.to_vec()].concat()
+    };
+    let (body_a, body_b) = (sse(7), sse(30));
+    let headers =
+        || crate::common::Headers::new([(":status", "200"), ("content-type", "text/event-stream")]);
+    gw.host.response_headers(a, headers(), false).unwrap();
+    gw.host.response_headers(b, headers(), false).unwrap();
+    let (pieces_a, pieces_b): (Vec<_>, Vec<_>) =
+        (body_a.chunks(13).collect(), body_b.chunks(17).collect());
+    for i in 0..pieces_a.len().max(pieces_b.len()) {
+        for (id, pieces) in [(a, &pieces_a), (b, &pieces_b)] {
+            if let Some(p) = pieces.get(i) {
+                gw.host.response_body(id, p, i + 1 == pieces.len()).unwrap();
+            }
+        }
+    }
+    gw.host.finish(b).unwrap();
+    gw.host.finish(a).unwrap();
+    let m = gw.settle();
+    let completion = |t| m.total(TOKENS, &[("tenant", t), ("token_type", "completion")]);
+    assert_eq!((completion("acme"), completion("globex")), (7, 30));
+    assert_eq!(gw.host.stream(a).unwrap().forwarded_response_body, body_a);
+    assert_eq!(gw.host.stream(b).unwrap().forwarded_response_body, body_b);
+    gw.assert_healthy();
+}
