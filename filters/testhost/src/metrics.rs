@@ -80,7 +80,24 @@ impl Metrics {
         self.series(family, labels).map(|m| m.value).sum()
     }
 
-    /// Histogram samples over the matching series.
+    /// A histogram the module publishes as cumulative counters
+    /// (`<family>_bucket{le}`, `<family>_sum`, `<family>_count`), summed over
+    /// the matching series: `(count, sum)`.
+    pub fn histogram(&self, family: &str, labels: &[(&str, &str)]) -> (i64, i64) {
+        (
+            self.total(&format!("{family}_count"), labels),
+            self.total(&format!("{family}_sum"), labels),
+        )
+    }
+
+    /// The cumulative count of bucket `le` (e.g. `"250"`, `"+Inf"`).
+    pub fn bucket(&self, family: &str, le: &str, labels: &[(&str, &str)]) -> i64 {
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", le));
+        self.total(&format!("{family}_bucket"), &with_le)
+    }
+
+    /// Samples of native Envoy histograms over the matching series.
     pub fn samples(&self, family: &str, labels: &[(&str, &str)]) -> Vec<u64> {
         self.series(family, labels)
             .flat_map(|m| m.samples.iter().copied())

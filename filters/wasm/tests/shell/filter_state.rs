@@ -100,7 +100,6 @@ fn one_summary_per_llm_request_with_typed_values() {
 }
 
 #[test]
-#[ignore = "issue 8 part 4: state::summary_json guesses types back from strings (tenant \"42\" becomes a number)"]
 fn label_values_that_look_like_numbers_or_booleans_stay_strings() {
     let mut gw = Gateway::shipped();
     for tenant in ["42", "true"] {

@@ -56,25 +56,34 @@ fn a_chat_request_is_counted_with_its_reported_usage() {
     assert_eq!(m.total("llm_gateway_active_requests", &[]), 0);
 
     // Request headers at 0 ms, response headers at 100 ms, end at 500 ms.
-    let samples = |family| m.samples(family, &WORKLOAD);
-    assert_eq!(samples("llm_gateway_request_duration_milliseconds"), [500]);
+    let samples = |family| m.histogram(family, &WORKLOAD);
+    assert_eq!(
+        samples("llm_gateway_request_duration_milliseconds"),
+        (1, (500) as i64)
+    );
     assert_eq!(
         samples("llm_gateway_time_to_first_byte_milliseconds"),
-        [100]
+        (1, (100) as i64)
     );
     assert_eq!(
         samples("llm_gateway_request_bytes"),
-        [req.body_bytes().len() as u64]
+        (1, (req.body_bytes().len() as u64) as i64)
     );
     assert_eq!(
         samples("llm_gateway_response_bytes"),
-        [resp.body_bytes().len() as u64]
+        (1, (resp.body_bytes().len() as u64) as i64)
     );
-    assert_eq!(samples("llm_gateway_prompt_tokens"), [12]);
-    assert_eq!(samples("llm_gateway_completion_tokens"), [5]);
-    assert_eq!(samples("llm_gateway_output_tokens_per_second"), [10]);
-    assert!(samples("llm_gateway_time_to_first_token_milliseconds").is_empty());
-    assert!(samples("llm_gateway_time_per_output_token_milliseconds").is_empty());
+    assert_eq!(samples("llm_gateway_prompt_tokens"), (1, (12) as i64));
+    assert_eq!(samples("llm_gateway_completion_tokens"), (1, (5) as i64));
+    assert_eq!(
+        samples("llm_gateway_output_tokens_per_second"),
+        (1, (10) as i64)
+    );
+    assert_eq!(samples("llm_gateway_time_to_first_token_milliseconds").0, 0);
+    assert_eq!(
+        samples("llm_gateway_time_per_output_token_milliseconds").0,
+        0
+    );
     // Latency histograms carry no tenant and no status.
     for h in m
         .all()
@@ -149,36 +158,40 @@ fn a_stream_split_anywhere_gives_the_same_tokens_and_timings() {
             "{at}"
         );
         assert_eq!(m.total(TOKENS, &[("source", "estimated")]), 0, "{at}");
-        let samples = |family| m.samples(family, &WORKLOAD);
+        let samples = |family| m.histogram(family, &WORKLOAD);
         assert_eq!(
             samples("llm_gateway_time_to_first_token_milliseconds"),
-            [250],
+            (1, (250) as i64),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_time_per_output_token_milliseconds"),
-            [50],
+            (1, (50) as i64),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_output_tokens_per_second"),
-            [20],
+            (1, (20) as i64),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_time_to_first_byte_milliseconds"),
-            [100],
+            (1, (100) as i64),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_request_duration_milliseconds"),
-            [400],
+            (1, (400) as i64),
             "{at}"
         );
-        assert_eq!(samples("llm_gateway_completion_tokens"), [3], "{at}");
+        assert_eq!(
+            samples("llm_gateway_completion_tokens"),
+            (1, (3) as i64),
+            "{at}"
+        );
         assert_eq!(
             samples("llm_gateway_response_bytes"),
-            [resp.body_bytes().len() as u64],
+            (1, (resp.body_bytes().len() as u64) as i64),
             "{at}"
         );
         assert_eq!(m.total("llm_gateway_parse_errors_total", &[]), 0, "{at}");
@@ -202,8 +215,11 @@ fn a_stream_without_usage_is_estimated_from_content_events() {
         3
     );
     assert_eq!(m.total(TOKENS, &[("token_type", "prompt")]), 0);
-    assert!(m.samples("llm_gateway_prompt_tokens", &[]).is_empty());
-    assert_eq!(m.samples("llm_gateway_completion_tokens", &WORKLOAD), [3]);
+    assert_eq!(m.histogram("llm_gateway_prompt_tokens", &[]).0, 0);
+    assert_eq!(
+        m.histogram("llm_gateway_completion_tokens", &WORKLOAD),
+        (1, 3)
+    );
     gw.assert_healthy();
 }
 
@@ -237,8 +253,8 @@ fn totals_add_up_over_requests_tenants_and_a_64_event_body() {
     assert_eq!(m.total(REQUESTS, &[("tenant", "acme")]), 2);
     assert_eq!(m.total(REQUESTS, &[("tenant", "globex")]), 1);
     assert_eq!(
-        m.samples("llm_gateway_completion_tokens", &WORKLOAD),
-        [64, 64, 64]
+        m.histogram("llm_gateway_completion_tokens", &WORKLOAD),
+        (3, 3 * 64)
     );
     gw.assert_healthy();
 }
@@ -306,10 +322,22 @@ fn every_stat_the_module_defines_is_documented_with_its_labels() {
     let m = gw.settle();
     assert!(m.all().len() > 10, "{:#?}", m.all());
     for stat in m.all() {
-        let Some((_, labels)) = docs.iter().find(|(name, _)| name == stat.family()) else {
+        // Histograms are published as `<family>_bucket{le}`, `_sum`, `_count`.
+        let family = stat.family();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| family.strip_suffix(suffix))
+            .filter(|base| docs.iter().any(|(name, _)| name == base))
+            .unwrap_or(family);
+        let Some((_, labels)) = docs.iter().find(|(name, _)| name == base) else {
             panic!("{} is not in docs/metrics.md", stat.name);
         };
-        let keys: Vec<&str> = stat.labels().iter().map(|(k, _)| *k).collect();
+        let keys: Vec<&str> = stat
+            .labels()
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| base == family || *k != "le")
+            .collect();
         assert_eq!(keys, *labels, "labels of {}", stat.name);
     }
 }
@@ -342,8 +370,8 @@ fn a_stream_cut_before_its_end_is_still_counted() {
     assert_eq!(m.total(REQUESTS, &[("tenant", "acme")]), 1);
     assert_eq!(m.total("llm_gateway_active_requests", &[]), 0);
     assert_eq!(
-        m.samples("llm_gateway_time_to_first_token_milliseconds", &WORKLOAD),
-        [250]
+        m.histogram("llm_gateway_time_to_first_token_milliseconds", &WORKLOAD),
+        (1, 250)
     );
     let errors: Vec<_> = m
         .series("llm_gateway_errors_total", &[])
