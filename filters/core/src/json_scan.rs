@@ -783,6 +783,7 @@ fn utf8_prefix(bytes: &[u8]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::split_at_cuts;
     use proptest::prelude::*;
 
     /// Records every scalar as (dotted path, rendered value).
@@ -978,6 +979,26 @@ mod tests {
         })
     }
 
+    /// Random bytes, or a serialized document with one byte overwritten or
+    /// its tail cut off: inputs that are mostly, but not quite, JSON.
+    fn damaged_json() -> impl Strategy<Value = Vec<u8>> {
+        let serialized = || json_value().prop_map(|v| serde_json::to_vec(&v).unwrap());
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..512),
+            (serialized(), any::<prop::sample::Index>(), any::<u8>()).prop_map(
+                |(mut text, at, byte)| {
+                    let i = at.index(text.len());
+                    text[i] = byte;
+                    text
+                }
+            ),
+            (serialized(), any::<prop::sample::Index>()).prop_map(|(mut text, at)| {
+                text.truncate(at.index(text.len()));
+                text
+            }),
+        ]
+    }
+
     #[test]
     fn string_run_len_agrees_with_a_bytewise_scan() {
         let naive = |b: &[u8]| {
@@ -1011,13 +1032,7 @@ mod tests {
             let text = serde_json::to_vec(&v).unwrap();
             let (whole, st) = scan_chunks(&[&text]);
             prop_assert_eq!(st, ScanStatus::Complete);
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(text.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points { chunks.push(&text[last..p]); last = p; }
-            chunks.push(&text[last..]);
-            let (split, st2) = scan_chunks(&chunks);
+            let (split, st2) = scan_chunks(&split_at_cuts(&text, &cuts));
             prop_assert_eq!(st2, ScanStatus::Complete);
             prop_assert_eq!(whole, split);
         }
@@ -1035,10 +1050,33 @@ mod tests {
             }
         }
 
-        /// Arbitrary bytes never panic and leave the scanner in a defined state.
+        /// Arbitrary bytes, and JSON with one byte overwritten or its tail
+        /// cut, leave the scanner in a defined state: what serde_json accepts
+        /// is `Complete`; a syntax error points inside the input and only
+        /// at input serde_json refuses too; a failure is final (later input
+        /// reports nothing); and chunking changes nothing.
         #[test]
-        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
-            let (_c, _st) = scan_chunks(&[&data]);
+        fn arbitrary_bytes_end_in_a_defined_state(
+            data in damaged_json(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let (whole, status) = scan_chunks(&[&data]);
+            let serde_accepts = serde_json::from_slice::<serde_json::Value>(&data).is_ok();
+            if serde_accepts {
+                prop_assert_eq!(status, ScanStatus::Complete);
+            }
+            if let ScanStatus::Failed(error) = status {
+                prop_assert!(!serde_accepts, "refused valid JSON: {:?}", error);
+                if let ScanError::Syntax { offset } = error {
+                    prop_assert!(offset < data.len() as u64, "offset {} past the input", offset);
+                }
+                let (after, status_after) = scan_chunks(&[&data, br#"{"after":"failure"}"#]);
+                prop_assert_eq!(status_after, status);
+                prop_assert_eq!(&after, &whole);
+            }
+            let (split, split_status) = scan_chunks(&split_at_cuts(&data, &cuts));
+            prop_assert_eq!(split_status, status);
+            prop_assert_eq!(split, whole);
         }
     }
 }

@@ -16,5 +16,7 @@ pub mod rag;
 pub mod request;
 pub mod sse;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod trace;
 pub mod tracer;

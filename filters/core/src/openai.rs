@@ -718,6 +718,7 @@ impl StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::split_at_cuts;
     use proptest::prelude::*;
 
     fn chat_stream(tokens: &[&str], with_usage: bool) -> String {
@@ -896,18 +897,12 @@ mod tests {
                 text.insert_str(0, &format!("data: {g}\n\n"));
             }
             let bytes = text.as_bytes();
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-            points.sort_unstable();
             let mut fast = StreamReader::default();
             let mut full = StreamReader::without_fast_path();
-            let mut last = 0;
-            for (i, p) in points.iter().enumerate() {
-                fast.feed(&bytes[last..*p], i as u64);
-                full.feed(&bytes[last..*p], i as u64);
-                last = *p;
+            for (i, chunk) in split_at_cuts(bytes, &cuts).into_iter().enumerate() {
+                fast.feed(chunk, i as u64);
+                full.feed(chunk, i as u64);
             }
-            fast.feed(&bytes[last..], 99);
-            full.feed(&bytes[last..], 99);
             let (a, _) = fast.finish();
             let (b, _) = full.finish();
             prop_assert_eq!(a, b);
@@ -930,12 +925,8 @@ mod tests {
             let (w, _) = whole.finish();
             prop_assert_eq!(w.content_events, tokens.len() as u64);
             prop_assert_eq!(w.usage.completion_tokens, with_usage.then_some(tokens.len() as u64));
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-            points.sort_unstable();
             let mut split = StreamReader::default();
-            let mut last = 0;
-            for p in points { split.feed(&bytes[last..p], 0); last = p; }
-            split.feed(&bytes[last..], 0);
+            for chunk in split_at_cuts(bytes, &cuts) { split.feed(chunk, 0); }
             let (s, _) = split.finish();
             prop_assert_eq!(w, s);
         }
