@@ -9,6 +9,17 @@
 
 /// A parsed header map that borrows nothing: it owns the host's buffer and
 /// keeps offsets into it.
+///
+/// ```
+/// use tokentap_core::headers::{serialize, HeaderMap};
+///
+/// let buf = serialize(&[(":path", b"/v1/chat/completions"), ("x-tenant-id", b"acme")]);
+/// let headers = HeaderMap::parse(buf).expect("well-formed");
+/// assert_eq!(headers.get("x-tenant-id"), Some(&b"acme"[..]));
+/// assert_eq!(headers.get("x-missing"), None);
+/// // A buffer cut short is refused, not half-read.
+/// assert!(HeaderMap::parse(vec![1, 0, 0, 0]).is_none());
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct HeaderMap {
     buf: Vec<u8>,

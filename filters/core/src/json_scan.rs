@@ -236,6 +236,33 @@ const MAX_NUMBER_LEN: usize = 40;
 
 /// The scanner. Feed it with [`JsonScanner::feed`]; reuse it with
 /// [`JsonScanner::reset`].
+///
+/// A body split anywhere, even inside a key or a number, reports the same
+/// scalars as the whole body:
+///
+/// ```
+/// use tokentap_core::json_scan::{JsonScanner, JsonVisitor, Path, Scalar, ScanStatus};
+///
+/// /// Keeps `usage.prompt_tokens`.
+/// #[derive(Default)]
+/// struct PromptTokens(Option<u64>);
+///
+/// impl JsonVisitor for PromptTokens {
+///     fn scalar(&mut self, path: &Path<'_>, value: Scalar<'_>) {
+///         if path.matches(&["usage", "prompt_tokens"]) {
+///             self.0 = value.as_u64();
+///         }
+///     }
+/// }
+///
+/// let mut scanner = JsonScanner::new();
+/// let mut seen = PromptTokens::default();
+/// scanner.feed(br#"{"model":"m","usage":{"prompt_to"#, &mut seen);
+/// scanner.feed(br#"kens":1"#, &mut seen);
+/// scanner.feed(br#"2,"completion_tokens":3}}"#, &mut seen);
+/// assert_eq!(scanner.finish(&mut seen), ScanStatus::Complete);
+/// assert_eq!(seen.0, Some(12));
+/// ```
 #[derive(Clone, Debug)]
 pub struct JsonScanner {
     state: State,

@@ -382,6 +382,20 @@ pub struct StreamFacts {
 }
 
 /// The SSE reader: framer plus a per-event JSON scanner.
+///
+/// ```
+/// use tokentap_core::openai::StreamReader;
+///
+/// let mut reader = StreamReader::default();
+/// reader.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n", 1_000);
+/// reader.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1}}\n\n", 2_000);
+/// reader.feed(b"data: [DONE]\n\n", 3_000);
+/// let (facts, cut_off) = reader.finish();
+/// assert!(!cut_off && facts.done);
+/// assert_eq!(facts.content_events, 1);
+/// assert_eq!(facts.first_content_ns, Some(1_000));
+/// assert_eq!(facts.usage.prompt_tokens, Some(9));
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct StreamReader {
     framer: SseFramer,

@@ -62,6 +62,39 @@ enum Field {
 }
 
 /// Incremental SSE framer. One per response stream.
+///
+/// ```
+/// use tokentap_core::sse::{DataSink, EventMeta, SseFramer};
+///
+/// /// Collects each event's data and whether it was `[DONE]`.
+/// #[derive(Default)]
+/// struct Events {
+///     current: Vec<u8>,
+///     done: Vec<(String, bool)>,
+/// }
+///
+/// impl DataSink for Events {
+///     fn data(&mut self, bytes: &[u8]) {
+///         self.current.extend_from_slice(bytes);
+///     }
+///     fn dispatch(&mut self, event: &EventMeta) {
+///         let data = String::from_utf8_lossy(&self.current).into_owned();
+///         self.done.push((data, event.is_done));
+///         self.current.clear();
+///     }
+/// }
+///
+/// let mut framer = SseFramer::new();
+/// let mut events = Events::default();
+/// // Chunks end anywhere; CRLF and LF line ends mix; comments carry no event.
+/// framer.feed(b"data: {\"a\":1}\r\n\r\n: keep-alive\n\nda", &mut events);
+/// framer.feed(b"ta: [DONE]\n\n", &mut events);
+/// assert_eq!(
+///     events.done,
+///     [(r#"{"a":1}"#.to_string(), false), ("[DONE]".to_string(), true)]
+/// );
+/// assert_eq!(framer.events(), 2);
+/// ```
 #[derive(Clone, Debug)]
 pub struct SseFramer {
     line: LineState,
