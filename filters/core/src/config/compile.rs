@@ -30,11 +30,12 @@ impl Config {
                 "only routes and backends have a label alias",
             ));
         }
-        let (routes, route_labels) = workloads("routes", &raw.routes, max_len)?;
-        let (backends, backend_labels) = workloads("backends", &raw.backends, max_len)?;
+        let routes = section("routes", &raw.routes, max_len)?;
+        let backends = section("backends", &raw.backends, max_len)?;
         let workloads: Vec<&Workload> = routes
+            .workloads
             .values()
-            .chain(backends.values())
+            .chain(backends.workloads.values())
             .chain(std::iter::once(&defaults))
             .collect();
         let mut admissions = HashMap::new();
@@ -90,11 +91,11 @@ impl Config {
             admissions,
             max_value_length: max_len,
             max_series_per_metric: limits.max_series_per_metric,
-            routes,
-            backends,
+            routes: routes.workloads,
+            backends: backends.workloads,
             defaults,
-            route_labels,
-            backend_labels,
+            route_labels: routes.labels,
+            backend_labels: backends.labels,
             inject_include_usage: raw.usage.inject_include_usage,
             max_request_buffer_bytes: raw.usage.max_request_buffer_bytes as usize,
             cache_hit_header,
@@ -252,22 +253,33 @@ fn configured_values(
     values
 }
 
-/// The workloads of `routes` or `backends`, and their label aliases.
-fn workloads(
-    section: &str,
+/// The compiled `routes` or `backends` section.
+struct Section {
+    /// Workload attributes by route or cluster name.
+    workloads: HashMap<String, Workload>,
+    /// Label aliases by route or cluster name, where configured.
+    labels: HashMap<String, String>,
+}
+
+fn section(
+    name: &str,
     entries: &BTreeMap<String, WorkloadEntry>,
     max_len: usize,
-) -> Result<(HashMap<String, Workload>, HashMap<String, String>), ConfigError> {
-    let mut workloads = HashMap::new();
-    let mut labels = HashMap::new();
-    for (name, entry) in entries {
-        let field = format!("{section}.{name}");
-        workloads.insert(name.clone(), workload(&field, entry, max_len)?);
+) -> Result<Section, ConfigError> {
+    let mut compiled = Section {
+        workloads: HashMap::new(),
+        labels: HashMap::new(),
+    };
+    for (key, entry) in entries {
+        let field = format!("{name}.{key}");
+        compiled
+            .workloads
+            .insert(key.clone(), workload(&field, entry, max_len)?);
         if let Some(l) = label_value(&field, "label", &entry.label, max_len)? {
-            labels.insert(name.clone(), l);
+            compiled.labels.insert(key.clone(), l);
         }
     }
-    Ok((workloads, labels))
+    Ok(compiled)
 }
 
 fn workload(field: &str, e: &WorkloadEntry, max_len: usize) -> Result<Workload, ConfigError> {
