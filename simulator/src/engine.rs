@@ -286,6 +286,41 @@ fn us_to_s(us: Micros) -> f64 {
 }
 
 /// The engine. See the module documentation for the model.
+///
+/// Time is passed in, never read, so a run is exact: with a 50 ms prefill
+/// and 10 ms between tokens, three tokens come at 50, 60 and 70 ms.
+///
+/// ```
+/// use tokentap_llm_sim::engine::{
+///     Engine, EngineConfig, EngineEvent, FinishReason, LatencyModel, SeqRequest,
+/// };
+///
+/// let mut engine = Engine::new(EngineConfig::default(), LatencyModel::default());
+/// let request = SeqRequest {
+///     prompt_tokens: 20,
+///     max_output_tokens: 3,
+///     prefix_key: 7,
+///     length_capped: true,
+///     ttft_override_ms: None,
+///     itl_override_ms: None,
+///     max_tokens_param: Some(3),
+/// };
+/// let seq = engine.submit(request, 0).expect("fits the model");
+/// engine.advance(1_000_000);
+/// let events = engine.drain_events();
+/// let token_times: Vec<u64> = events
+///     .iter()
+///     .filter_map(|e| match e {
+///         EngineEvent::Token { at, .. } => Some(*at),
+///         EngineEvent::Finished { .. } => None,
+///     })
+///     .collect();
+/// assert_eq!(token_times, [50_000, 60_000, 70_000]);
+/// assert!(matches!(
+///     events.last(),
+///     Some(EngineEvent::Finished { seq: s, reason: FinishReason::Length, .. }) if *s == seq
+/// ));
+/// ```
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
