@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::http_util::{
     error_response, header_num, header_str, insert_header, json_response, read_body, Body,
-    BodyError,
+    BodyError, RequestBody,
 };
 use super::routes::{refusal, served_model};
 use super::state::{lock, AppState, InFlight, SeqGuard};
@@ -24,16 +24,12 @@ use crate::openai::{parse_generation, usage_json, Endpoint, GenerationRequest, R
 use crate::tokens::token_text;
 
 /// Serves one generation request from body to last token.
-pub(crate) async fn generation<B>(
+pub(crate) async fn generation(
     state: &Arc<AppState>,
     reset: &Arc<ConnReset>,
-    req: Request<B>,
+    req: Request<RequestBody>,
     endpoint: Endpoint,
-) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Response<Body> {
     let in_flight = InFlight::new(state);
     let (parts, body) = match read_body(req).await {
         Ok(x) => x,

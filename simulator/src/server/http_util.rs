@@ -5,7 +5,7 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{BodyExt, Full, Limited};
 
 use crate::openai::{error_body, error_type_for};
@@ -75,14 +75,31 @@ pub(crate) fn header_num<T: std::str::FromStr>(headers: &HeaderMap, name: &str) 
     header_str(headers, name).and_then(|v| v.parse().ok())
 }
 
-/// Reads the whole request body (at most [`MAX_BODY_BYTES`]), or answers 400.
-pub(crate) async fn read_body<B>(
-    req: Request<B>,
-) -> Result<(http::request::Parts, Bytes), Response<Body>>
+/// Why a request body could not be read (the transport's error, as text).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct BodyReadError(String);
+
+/// Body of every request as the handlers see it: the connection's body
+/// (or a test's buffer) boxed once on the way in.
+pub(crate) type RequestBody = UnsyncBoxBody<Bytes, BodyReadError>;
+
+/// Boxes a request's body into the one type the handlers take.
+pub(crate) fn boxed_request<B>(req: Request<B>) -> Request<RequestBody>
 where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
 {
+    req.map(|body| {
+        body.map_err(|e| BodyReadError(e.to_string()))
+            .boxed_unsync()
+    })
+}
+
+/// Reads the whole request body (at most [`MAX_BODY_BYTES`]), or answers 400.
+pub(crate) async fn read_body(
+    req: Request<RequestBody>,
+) -> Result<(http::request::Parts, Bytes), Response<Body>> {
     let (parts, body) = req.into_parts();
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(c) => Ok((parts, c.to_bytes())),

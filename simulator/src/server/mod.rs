@@ -141,7 +141,10 @@ fn accept(state: &Arc<AppState>, stream: TcpStream, peer: SocketAddr) {
         let svc = service_fn(move |req| {
             let state = state.clone();
             let reset = reset.clone();
-            async move { Ok::<_, Infallible>(routes::handle(state, reset, req).await) }
+            async move {
+                let req = http_util::boxed_request(req);
+                Ok::<_, Infallible>(routes::handle(state, reset, req).await)
+            }
         });
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), svc)

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::generation::generation;
 use super::http_util::{
-    error_response, full, header_num, insert_header, json_response, read_body, Body,
+    error_response, full, header_num, insert_header, json_response, read_body, Body, RequestBody,
 };
 use super::state::{lock, AppState, InFlight};
 use super::vllm_metrics::render_metrics;
@@ -32,15 +32,11 @@ const PATHS: [&str; 8] = [
 ];
 
 /// Answers one request; every response names the pod when `POD_NAME` is set.
-pub(crate) async fn handle<B>(
+pub(crate) async fn handle(
     state: Arc<AppState>,
     reset: Arc<ConnReset>,
-    req: Request<B>,
-) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+    req: Request<RequestBody>,
+) -> Response<Body> {
     let mut resp = route(&state, &reset, req).await;
     if let Some(pod) = &state.pod_name {
         insert_header(&mut resp, "x-inference-pod", pod);
@@ -48,11 +44,11 @@ where
     resp
 }
 
-async fn route<B>(state: &Arc<AppState>, reset: &Arc<ConnReset>, req: Request<B>) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+async fn route(
+    state: &Arc<AppState>,
+    reset: &Arc<ConnReset>,
+    req: Request<RequestBody>,
+) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     match (method, path.as_str()) {
@@ -115,11 +111,7 @@ fn models_response(state: &AppState) -> Response<Body> {
 }
 
 /// Merges a partial runtime config (JSON) into the current one.
-async fn admin_config<B>(state: &AppState, req: Request<B>) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+async fn admin_config(state: &AppState, req: Request<RequestBody>) -> Response<Body> {
     let (_, body) = match read_body(req).await {
         Ok(x) => x,
         Err(resp) => return resp,
@@ -196,11 +188,7 @@ pub(crate) fn served_model(
 }
 
 /// Deterministic vectors after the prefill time of the inputs' tokens.
-async fn embeddings<B>(state: &Arc<AppState>, req: Request<B>) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+async fn embeddings(state: &Arc<AppState>, req: Request<RequestBody>) -> Response<Body> {
     let _in_flight = InFlight::new(state);
     let (parts, body) = match read_body(req).await {
         Ok(x) => x,

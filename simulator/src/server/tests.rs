@@ -13,6 +13,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 
+use super::http_util::boxed_request;
 use super::routes::handle;
 use super::{drive, AppState, ConnReset};
 use crate::config::Args;
@@ -72,7 +73,12 @@ async fn call(
         req = req.header(*name, *value);
     }
     let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
-    let resp = handle(state.clone(), Arc::new(ConnReset::default()), req).await;
+    let resp = handle(
+        state.clone(),
+        Arc::new(ConnReset::default()),
+        boxed_request(req),
+    )
+    .await;
     let (parts, body) = resp.into_parts();
     Reply {
         status: parts.status,
