@@ -315,11 +315,11 @@ impl Job {
                     if reason == FinishReason::Abort {
                         break;
                     }
-                    let u = self.usage(&usage);
+                    let usage = self.usage(&usage);
                     let body = self.meta.full_response(
                         &text,
                         self.finish_reason(),
-                        (!self.plan.no_usage).then_some(u.as_str()),
+                        (!self.plan.no_usage).then_some(usage.as_str()),
                     );
                     return json_response(StatusCode::OK, body);
                 }
@@ -397,8 +397,12 @@ async fn reset_stream(job: &Job, reset: &ConnReset, tx: &FrameSender, sent: u32)
 /// The usage chunk (when asked for) and `[DONE]`.
 async fn finish_stream(job: &Job, usage: &Usage, tx: &FrameSender) {
     if job.parsed.include_usage && !job.plan.no_usage {
-        let u = job.usage(usage);
-        if tx.send(Ok(sse(&job.meta.usage_chunk(&u)))).await.is_err() {
+        let usage = job.usage(usage);
+        if tx
+            .send(Ok(sse(&job.meta.usage_chunk(&usage))))
+            .await
+            .is_err()
+        {
             return;
         }
     }

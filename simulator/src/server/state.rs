@@ -130,9 +130,9 @@ impl AppState {
     /// A response id unique to this process: `{prefix}-{32 hex digits}`.
     pub(crate) fn next_id(&self, prefix: &str) -> String {
         let n = self.request_counter.fetch_add(1, Ordering::SeqCst);
-        let a = fnv1a(&n.to_le_bytes()) ^ self.args.seed.rotate_left(7);
-        let b = fnv1a(&a.to_le_bytes()) ^ (self.start_unix.to_bits());
-        format!("{prefix}-{a:016x}{b:016x}")
+        let high = fnv1a(&n.to_le_bytes()) ^ self.args.seed.rotate_left(7);
+        let low = fnv1a(&high.to_le_bytes()) ^ (self.start_unix.to_bits());
+        format!("{prefix}-{high:016x}{low:016x}")
     }
 }
 

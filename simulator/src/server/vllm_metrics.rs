@@ -33,18 +33,18 @@ pub fn render_metrics(state: &AppState) -> String {
         model: &model,
         created: state.start_unix,
     };
-    let mut e = Exposition::new();
-    e.gauge(
+    let mut out = Exposition::new();
+    out.gauge(
         "process_start_time_seconds",
         "Start time of the process since unix epoch in seconds.",
         &[(&[], state.start_unix)],
     );
-    scheduler_gauges(&mut e, &common, &snap.gauges);
-    token_counters(&mut e, &common, &snap.stats);
-    request_success(&mut e, &common, &snap.stats);
-    histograms(&mut e, &common, &snap.stats);
-    cache_config_info(&mut e, &snap.config, snap.total_blocks);
-    e.finish()
+    scheduler_gauges(&mut out, &common, &snap.gauges);
+    token_counters(&mut out, &common, &snap.stats);
+    request_success(&mut out, &common, &snap.stats);
+    histograms(&mut out, &common, &snap.stats);
+    cache_config_info(&mut out, &snap.config, snap.total_blocks);
+    out.finish()
 }
 
 /// Advances the engine to now (delivering what that produced) and copies
@@ -65,7 +65,7 @@ fn snapshot(state: &AppState) -> EngineSnapshot {
     snap
 }
 
-fn scheduler_gauges(e: &mut Exposition, common: &Common<'_>, gauges: &Gauges) {
+fn scheduler_gauges(out: &mut Exposition, common: &Common<'_>, gauges: &Gauges) {
     let families = [
         (
             "vllm:num_requests_running",
@@ -84,11 +84,11 @@ fn scheduler_gauges(e: &mut Exposition, common: &Common<'_>, gauges: &Gauges) {
         ),
     ];
     for (name, help, value) in families {
-        e.gauge(name, help, &[(common.labels, value)]);
+        out.gauge(name, help, &[(common.labels, value)]);
     }
 }
 
-fn token_counters(e: &mut Exposition, common: &Common<'_>, stats: &EngineStats) {
+fn token_counters(out: &mut Exposition, common: &Common<'_>, stats: &EngineStats) {
     let families = [
         (
             "vllm:prefix_cache_queries",
@@ -117,12 +117,12 @@ fn token_counters(e: &mut Exposition, common: &Common<'_>, stats: &EngineStats) 
         ),
     ];
     for (name, help, value) in families {
-        e.counter(name, help, &[(common.labels, value as f64)], common.created);
+        out.counter(name, help, &[(common.labels, value as f64)], common.created);
     }
 }
 
 /// `vllm:request_success` with one series per `finished_reason`.
-fn request_success(e: &mut Exposition, common: &Common<'_>, stats: &EngineStats) {
+fn request_success(out: &mut Exposition, common: &Common<'_>, stats: &EngineStats) {
     let labels: Vec<[(&str, &str); 3]> = FinishReason::ALL
         .iter()
         .map(|r| {
@@ -138,7 +138,7 @@ fn request_success(e: &mut Exposition, common: &Common<'_>, stats: &EngineStats)
         .zip(FinishReason::ALL)
         .map(|(l, r)| (&l[..], stats.success(r) as f64))
         .collect();
-    e.counter(
+    out.counter(
         "vllm:request_success",
         "Count of successfully processed requests.",
         &samples,
@@ -146,7 +146,7 @@ fn request_success(e: &mut Exposition, common: &Common<'_>, stats: &EngineStats)
     );
 }
 
-fn histograms(e: &mut Exposition, common: &Common<'_>, stats: &EngineStats) {
+fn histograms(out: &mut Exposition, common: &Common<'_>, stats: &EngineStats) {
     let families: [(&str, &str, &Histogram); 13] = [
         (
             "vllm:request_prompt_tokens",
@@ -215,12 +215,12 @@ fn histograms(e: &mut Exposition, common: &Common<'_>, stats: &EngineStats) {
         ),
     ];
     for (name, help, histogram) in families {
-        e.histogram(name, help, &[(common.labels, histogram)], common.created);
+        out.histogram(name, help, &[(common.labels, histogram)], common.created);
     }
 }
 
 /// vLLM's info-style gauge describing the KV cache.
-fn cache_config_info(e: &mut Exposition, config: &EngineConfig, total_blocks: u64) {
+fn cache_config_info(out: &mut Exposition, config: &EngineConfig, total_blocks: u64) {
     let block_size = config.block_size.to_string();
     let num_blocks = total_blocks.to_string();
     let prefix = if config.enable_prefix_caching {
@@ -228,7 +228,7 @@ fn cache_config_info(e: &mut Exposition, config: &EngineConfig, total_blocks: u6
     } else {
         "False"
     };
-    e.gauge(
+    out.gauge(
         "vllm:cache_config_info",
         "Information of the LLMEngine CacheConfig",
         &[(
