@@ -7,33 +7,6 @@
 //!
 //! `raw.rs` holds the document as written, `compile.rs` its validation, and
 //! this file the compiled form the request path reads.
-//!
-//! ```
-//! use tokentap_core::config::{Config, Operation, TenantSource};
-//!
-//! let config = Config::parse(
-//!     br#"{"tenant": {"header": "X-Tenant-Id"},
-//!          "routes": {"chat": {"route_class": "interactive", "team": "platform-ai"}}}"#,
-//! )
-//! .expect("valid configuration");
-//! assert_eq!(config.tenant_source, TenantSource::Header("x-tenant-id".into()));
-//! assert_eq!(
-//!     config.operation_for_path(b"/v1/chat/completions?x=1"),
-//!     Some(Operation::Chat)
-//! );
-//! assert_eq!(
-//!     config.workload_for(Some("chat"), None).team.as_deref(),
-//!     Some("platform-ai")
-//! );
-//!
-//! // Bad values are refused with the field's name.
-//! let error = Config::parse(br#"{"tracing": {"cluster": "otel", "sample_ratio": 2}}"#)
-//!     .expect_err("ratio above 1");
-//! assert_eq!(
-//!     error.to_string(),
-//!     "plugin configuration field `tracing.sample_ratio`: must be between 0 and 1"
-//! );
-//! ```
 
 mod compile;
 mod raw;
@@ -152,6 +125,33 @@ pub struct Config {
 
 impl Config {
     /// Parses and validates the plugin configuration (empty input = defaults).
+    ///
+    /// ```
+    /// use tokentap_core::config::{Config, Operation, TenantSource};
+    ///
+    /// let config = Config::parse(
+    ///     br#"{"tenant": {"header": "X-Tenant-Id"},
+    ///          "routes": {"chat": {"route_class": "interactive", "team": "platform-ai"}}}"#,
+    /// )
+    /// .expect("valid configuration");
+    /// assert_eq!(config.tenant_source, TenantSource::Header("x-tenant-id".into()));
+    /// assert_eq!(
+    ///     config.operation_for_path(b"/v1/chat/completions?x=1"),
+    ///     Some(Operation::Chat)
+    /// );
+    /// assert_eq!(
+    ///     config.workload_for(Some("chat"), None).team.as_deref(),
+    ///     Some("platform-ai")
+    /// );
+    ///
+    /// // Bad values are refused with the field's name.
+    /// let error = Config::parse(br#"{"tracing": {"cluster": "otel", "sample_ratio": 2}}"#)
+    ///     .expect_err("ratio above 1");
+    /// assert_eq!(
+    ///     error.to_string(),
+    ///     "plugin configuration field `tracing.sample_ratio`: must be between 0 and 1"
+    /// );
+    /// ```
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| ConfigError::Json(format!("not UTF-8: {e}")))?
