@@ -119,6 +119,14 @@ impl fmt::Display for Dimension {
 /// Keeps ASCII letters, digits and `-_.:/`; every other byte becomes `_`, so
 /// the tag-extraction separators (`=`, `;`) and whitespace can never appear.
 /// Returns `None` when nothing is left (absent input maps to [`UNKNOWN`]).
+///
+/// ```
+/// use tokentap_core::labels::sanitize;
+///
+/// assert_eq!(sanitize(b" acme corp;x=1 ", 64).as_deref(), Some("acme_corp_x_1"));
+/// assert_eq!(sanitize(b"team-a/eu.1", 6).as_deref(), Some("team-a"));
+/// assert_eq!(sanitize(b"   ", 64), None);
+/// ```
 pub fn sanitize(raw: &[u8], max_len: usize) -> Option<String> {
     let trimmed = raw.trim_ascii();
     if trimmed.is_empty() {

@@ -17,6 +17,8 @@ pub mod rag;
 pub mod request;
 pub mod sse;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod trace;
 pub mod tracer;
 pub mod vocab;
