@@ -705,46 +705,9 @@ pub fn classify_error(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    /// A scripted request/response.
-    #[derive(Default)]
-    pub(crate) struct FakeView {
-        pub req: HashMap<String, Vec<u8>>,
-        pub resp: HashMap<String, Vec<u8>>,
-        pub props: HashMap<String, Vec<u8>>,
-    }
-
-    impl FakeView {
-        pub fn req(mut self, k: &str, v: &str) -> Self {
-            self.req.insert(k.into(), v.as_bytes().to_vec());
-            self
-        }
-        pub fn resp(mut self, k: &str, v: &str) -> Self {
-            self.resp.insert(k.into(), v.as_bytes().to_vec());
-            self
-        }
-        pub fn prop(mut self, k: &str, v: &[u8]) -> Self {
-            self.props.insert(k.into(), v.to_vec());
-            self
-        }
-    }
-
-    impl HttpView for FakeView {
-        fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-            self.req.get(name).cloned()
-        }
-        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-            self.resp.get(name).cloned()
-        }
-        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-            self.props.get(&path.join(".")).cloned()
-        }
-    }
-
-    const MS: u64 = 1_000_000;
+    use crate::testing::{FakeView, MS};
 
     fn config() -> Config {
         Config::parse(

@@ -9,9 +9,6 @@ use proptest::sample::Index;
 use crate::host::{HostError, HttpView, MetricKind, MetricsHost};
 
 /// One millisecond in the host's nanosecond timestamps.
-// Used by the request, metrics and tracer tests once they switch to this
-// module (they still carry their own copy).
-#[allow(dead_code)]
 pub(crate) const MS: u64 = 1_000_000;
 
 /// Cuts `bytes` at the positions `cuts` pick (sorted; repeated or edge
@@ -72,25 +69,37 @@ impl HttpView for FakeView {
     }
 }
 
-/// Envoy's stats as far as the filter can see them: names and values.
+/// Envoy's stats as far as the filter can see them, with Envoy's rules: a
+/// name defined twice is one stat, counters take positive increments only,
+/// `record` sets a gauge. Counts every host call.
 #[derive(Default)]
 pub(crate) struct FakeStats {
     pub names: Vec<(MetricKind, String)>,
     pub values: HashMap<u32, i64>,
-    pub samples: HashMap<u32, Vec<u64>>,
+    pub calls: usize,
 }
 
 impl MetricsHost for FakeStats {
     fn define(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        self.calls += 1;
+        if let Some(i) = self.names.iter().position(|(_, n)| n == name) {
+            return Ok(i as u32);
+        }
         self.names.push((kind, name.to_string()));
         Ok(self.names.len() as u32 - 1)
     }
     fn increment(&mut self, id: u32, delta: i64) -> Result<(), HostError> {
+        self.calls += 1;
+        let kind = self.names.get(id as usize).map(|(k, _)| *k);
+        if kind == Some(MetricKind::Counter) && delta <= 0 {
+            return Err(HostError(2));
+        }
         *self.values.entry(id).or_default() += delta;
         Ok(())
     }
     fn record(&mut self, id: u32, value: u64) -> Result<(), HostError> {
-        self.samples.entry(id).or_default().push(value);
+        self.calls += 1;
+        self.values.insert(id, value as i64);
         Ok(())
     }
 }
@@ -102,17 +111,15 @@ impl FakeStats {
             .position(|(_, n)| n == name)
             .map(|i| i as u32)
     }
-    /// The counter's (or gauge's) value; 0 when never defined or touched.
-    pub fn counter(&self, name: &str) -> i64 {
+    /// The counter's or gauge's value; 0 when never defined or touched.
+    pub fn value(&self, name: &str) -> i64 {
         self.id(name)
             .and_then(|i| self.values.get(&i).copied())
             .unwrap_or(0)
     }
-    /// Every value recorded into the histogram, in order.
-    pub fn samples(&self, name: &str) -> Vec<u64> {
-        self.id(name)
-            .and_then(|i| self.samples.get(&i).cloned())
-            .unwrap_or_default()
+    /// Whether the stat was defined.
+    pub fn defined(&self, name: &str) -> bool {
+        self.id(name).is_some()
     }
 }
 
@@ -147,17 +154,23 @@ mod tests {
     }
 
     #[test]
-    fn fake_stats_keeps_counters_and_samples_by_name() {
+    fn fake_stats_follows_envoys_rules() {
         let mut stats = FakeStats::default();
         let c = stats.define(MetricKind::Counter, "c").unwrap();
-        let h = stats.define(MetricKind::Histogram, "h").unwrap();
+        let g = stats.define(MetricKind::Gauge, "g").unwrap();
+        assert_eq!(stats.define(MetricKind::Counter, "c").unwrap(), c);
         stats.increment(c, 2).unwrap();
         stats.increment(c, 3).unwrap();
-        stats.record(h, 7).unwrap();
-        stats.record(h, 1).unwrap();
-        assert_eq!(stats.counter("c"), 5);
-        assert_eq!(stats.samples("h"), [7, 1]);
-        assert_eq!(stats.counter("never"), 0);
-        assert_eq!(stats.names[1], (MetricKind::Histogram, "h".to_string()));
+        assert!(
+            stats.increment(c, 0).is_err(),
+            "Envoy refuses a zero increment"
+        );
+        stats.record(g, 7).unwrap();
+        stats.record(g, 1).unwrap();
+        assert_eq!(stats.value("c"), 5);
+        assert_eq!(stats.value("g"), 1);
+        assert_eq!(stats.value("never"), 0);
+        assert!(stats.defined("g") && !stats.defined("never"));
+        assert_eq!(stats.calls, 8);
     }
 }

@@ -310,11 +310,9 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::labels::LocalAdmission;
-    use crate::request::tests::FakeView;
     use crate::request::RequestObserver;
+    use crate::testing::{FakeView, MS};
     use crate::trace::{AttrValue, ResourceBuilder};
-
-    const MS: u64 = 1_000_000;
 
     fn config() -> Config {
         Config::parse(

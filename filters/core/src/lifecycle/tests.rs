@@ -3,13 +3,10 @@
 use super::*;
 use crate::host::HttpView;
 use crate::labels::LocalAdmission;
-use crate::metrics::tests::FakeStats;
-use crate::request::tests::FakeView;
+use crate::testing::{FakeStats, FakeView, MS};
 use crate::trace::ResourceBuilder;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-
-const MS: u64 = 1_000_000;
 
 /// One HTTP stream as the filter sees it, recording what the lifecycle asks.
 #[derive(Default)]

@@ -51,4 +51,4 @@ fn push_label(out: &mut String, key: &str, value: &str) {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -1,58 +1,9 @@
 use super::*;
 use crate::config::Config;
-use crate::host::{HostError, MetricKind, MetricsHost};
+use crate::host::MetricKind;
 use crate::labels::LocalAdmission;
-use crate::request::tests::FakeView;
 use crate::request::{RequestObserver, RequestRecord};
-use std::collections::HashMap;
-
-/// Envoy's stats as far as the filter can see them: names and values.
-#[derive(Default)]
-pub(crate) struct FakeStats {
-    pub names: Vec<(MetricKind, String)>,
-    pub values: HashMap<u32, i64>,
-    pub calls: usize,
-}
-
-impl MetricsHost for FakeStats {
-    fn define(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
-        self.calls += 1;
-        if let Some(i) = self.names.iter().position(|(_, n)| n == name) {
-            return Ok(i as u32);
-        }
-        self.names.push((kind, name.to_string()));
-        Ok(self.names.len() as u32 - 1)
-    }
-    fn increment(&mut self, id: u32, delta: i64) -> Result<(), HostError> {
-        self.calls += 1;
-        *self.values.entry(id).or_default() += delta;
-        Ok(())
-    }
-    fn record(&mut self, id: u32, value: u64) -> Result<(), HostError> {
-        self.calls += 1;
-        self.values.insert(id, value as i64);
-        Ok(())
-    }
-}
-
-impl FakeStats {
-    fn id(&self, name: &str) -> Option<u32> {
-        self.names
-            .iter()
-            .position(|(_, n)| n == name)
-            .map(|i| i as u32)
-    }
-    pub fn value(&self, name: &str) -> i64 {
-        self.id(name)
-            .and_then(|i| self.values.get(&i).copied())
-            .unwrap_or(0)
-    }
-    pub fn defined(&self, name: &str) -> bool {
-        self.id(name).is_some()
-    }
-}
-
-const MS: u64 = 1_000_000;
+use crate::testing::{FakeStats, FakeView, MS};
 
 fn config() -> Config {
     Config::parse(
