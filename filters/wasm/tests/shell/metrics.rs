@@ -59,11 +59,11 @@ fn a_chat_request_is_counted_with_its_reported_usage() {
     let samples = |family| m.histogram(family, &WORKLOAD);
     assert_eq!(
         samples("llm_gateway_request_duration_milliseconds"),
-        (1, (500) as i64)
+        (1, 500)
     );
     assert_eq!(
         samples("llm_gateway_time_to_first_byte_milliseconds"),
-        (1, (100) as i64)
+        (1, 100)
     );
     assert_eq!(
         samples("llm_gateway_request_bytes"),
@@ -73,12 +73,9 @@ fn a_chat_request_is_counted_with_its_reported_usage() {
         samples("llm_gateway_response_bytes"),
         (1, (resp.body_bytes().len() as u64) as i64)
     );
-    assert_eq!(samples("llm_gateway_prompt_tokens"), (1, (12) as i64));
-    assert_eq!(samples("llm_gateway_completion_tokens"), (1, (5) as i64));
-    assert_eq!(
-        samples("llm_gateway_output_tokens_per_second"),
-        (1, (10) as i64)
-    );
+    assert_eq!(samples("llm_gateway_prompt_tokens"), (1, 12));
+    assert_eq!(samples("llm_gateway_completion_tokens"), (1, 5));
+    assert_eq!(samples("llm_gateway_output_tokens_per_second"), (1, 10));
     assert_eq!(samples("llm_gateway_time_to_first_token_milliseconds").0, 0);
     assert_eq!(
         samples("llm_gateway_time_per_output_token_milliseconds").0,
@@ -161,34 +158,30 @@ fn a_stream_split_anywhere_gives_the_same_tokens_and_timings() {
         let samples = |family| m.histogram(family, &WORKLOAD);
         assert_eq!(
             samples("llm_gateway_time_to_first_token_milliseconds"),
-            (1, (250) as i64),
+            (1, 250),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_time_per_output_token_milliseconds"),
-            (1, (50) as i64),
+            (1, 50),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_output_tokens_per_second"),
-            (1, (20) as i64),
+            (1, 20),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_time_to_first_byte_milliseconds"),
-            (1, (100) as i64),
+            (1, 100),
             "{at}"
         );
         assert_eq!(
             samples("llm_gateway_request_duration_milliseconds"),
-            (1, (400) as i64),
+            (1, 400),
             "{at}"
         );
-        assert_eq!(
-            samples("llm_gateway_completion_tokens"),
-            (1, (3) as i64),
-            "{at}"
-        );
+        assert_eq!(samples("llm_gateway_completion_tokens"), (1, 3), "{at}");
         assert_eq!(
             samples("llm_gateway_response_bytes"),
             (1, (resp.body_bytes().len() as u64) as i64),
