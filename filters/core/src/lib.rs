@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openai;
 pub mod rag;
 pub mod request;
+pub mod scan_bytes;
 pub mod sse;
 pub mod state;
 #[cfg(test)]

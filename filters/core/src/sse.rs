@@ -198,10 +198,7 @@ impl SseFramer {
             // Fast path for long data values: hand the whole run to the sink.
             if self.line == LineState::Value && self.field == Field::Data {
                 let rest = &chunk[i..];
-                let run = rest
-                    .iter()
-                    .position(|&c| c == b'\n' || c == b'\r')
-                    .unwrap_or(rest.len());
+                let run = crate::scan_bytes::find_either(rest, b'\n', b'\r').unwrap_or(rest.len());
                 if run > 0 {
                     self.data_bytes(&rest[..run], sink);
                     i += run;

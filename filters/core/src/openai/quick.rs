@@ -11,11 +11,13 @@ pub(super) enum Quick {
     Empty,
 }
 
-/// Whether `data` is one balanced JSON object: strings closed, brackets
-/// matched, nothing after the final `}`. Truncated or run-together events
-/// fail this and take the full parse (which counts them as malformed); the
-/// fast path does not validate every token beyond that.
-fn balanced(data: &[u8]) -> bool {
+/// One pass over `data`: whether it is one balanced JSON object (strings
+/// closed, brackets matched, nothing after the final `}`), noting in `k`
+/// the keys that open its strings. Truncated or run-together events fail
+/// this and take the full parse (which counts them as malformed); the fast
+/// path does not validate every token beyond that. Stops early (false) at
+/// a key that needs the full parse.
+fn balanced(data: &[u8], k: &mut KeyScan, want_model: bool) -> bool {
     let mut stack: [u8; 16] = [0; 16];
     let mut depth = 0usize;
     let mut i = 0;
@@ -23,6 +25,10 @@ fn balanced(data: &[u8]) -> bool {
         let b = data[i];
         match b {
             b'"' => {
+                k.note(i, &data[i + 1..], want_model);
+                if k.needs_parse {
+                    return false;
+                }
                 // Skip the string: runs of plain bytes at a time, escapes by two.
                 i += 1;
                 loop {
@@ -71,53 +77,54 @@ struct KeyScan {
     needs_parse: bool,
 }
 
-/// Classifies a compact OpenAI chunk by one pass over its quotes, or
+impl KeyScan {
+    /// Notes the key that may start after the quote at `q` (`rest` follows
+    /// the quote). Dispatches on the first byte: this runs for every quote of
+    /// every streamed event.
+    fn note(&mut self, q: usize, rest: &[u8], want_model: bool) {
+        let starts = |p: &[u8]| rest.starts_with(p);
+        match rest.first() {
+            Some(b'c') if starts(b"choices\":[{") => {
+                self.choices.get_or_insert(q);
+            }
+            Some(b'c') if starts(b"content\":") => {
+                self.content.get_or_insert(q);
+                self.content_count += 1;
+            }
+            Some(b'd') if starts(b"delta\":{") => {
+                self.delta.get_or_insert(q);
+            }
+            Some(b't') if starts(b"text\":") => {
+                self.text.get_or_insert(q);
+                self.text_count += 1;
+            }
+            Some(b'f') if starts(b"finish_reason\":") => {
+                self.finish_reason.get_or_insert(q);
+            }
+            Some(b'u') if starts(b"usage\"") => self.needs_parse = true,
+            Some(b'e') if starts(b"error\"") => self.needs_parse = true,
+            Some(b't') if starts(b"tool_calls\"") => self.needs_parse = true,
+            Some(b'f') if starts(b"function_call\"") => self.needs_parse = true,
+            Some(b'r') if starts(b"reasoning") => self.needs_parse = true,
+            Some(b'm') if want_model && starts(b"model\"") => self.needs_parse = true,
+            _ => {}
+        }
+    }
+}
+
+/// Classifies a compact OpenAI chunk by one pass over its bytes, or
 /// returns `None` when the event needs the full JSON parse: anything
 /// carrying usage, an error, a finish reason, tool calls or reasoning, a
 /// model name still unknown, or any shape other than the compact one
-/// servers emit. Quotes inside JSON strings are escaped (`\"`), so a `"`
-/// followed by `content":` can only be the structure itself.
+/// servers emit. Keys are only looked for where a string opens, so text
+/// inside a string (`\"content\":`) is never taken for structure.
 pub(super) fn quick_classify(data: &[u8], want_model: bool) -> Option<Quick> {
     let data = data.trim_ascii();
-    if !(data.starts_with(b"{") && data.ends_with(b"}") && balanced(data)) {
-        return None;
-    }
     let mut k = KeyScan::default();
-    let mut i = 0;
-    while let Some(off) = data[i..].iter().position(|&b| b == b'"') {
-        let q = i + off;
-        let rest = &data[q + 1..];
-        if q > 0 && data[q - 1] == b'\\' {
-            // An escaped quote inside a string (or `\\"`, which only ends
-            // a string); either way not a key we look for.
-        } else if rest.starts_with(b"choices\":[{") {
-            k.choices.get_or_insert(q);
-        } else if rest.starts_with(b"delta\":{") {
-            k.delta.get_or_insert(q);
-        } else if rest.starts_with(b"content\":") {
-            k.content.get_or_insert(q);
-            k.content_count += 1;
-        } else if rest.starts_with(b"text\":") {
-            k.text.get_or_insert(q);
-            k.text_count += 1;
-        } else if rest.starts_with(b"finish_reason\":") {
-            k.finish_reason.get_or_insert(q);
-        } else if rest.starts_with(b"usage\"")
-            || rest.starts_with(b"error\"")
-            || rest.starts_with(b"tool_calls\"")
-            || rest.starts_with(b"function_call\"")
-            || rest.starts_with(b"reasoning")
-            || (want_model && rest.starts_with(b"model\""))
-        {
-            k.needs_parse = true;
-            break;
-        }
-        i = q + 1;
+    if !(data.starts_with(b"{") && data.ends_with(b"}") && balanced(data, &mut k, want_model)) {
+        return None;
     }
     let choices = k.choices?;
-    if k.needs_parse {
-        return None;
-    }
     if let Some(f) = k.finish_reason {
         if !data[f + 16..].starts_with(b"null") {
             return None;
