@@ -108,6 +108,10 @@ DISABLED_PATH = "/v1/bench/filter-disabled"
 SSE_EVENTS = 64
 #: The benchmark probe (filters/probe): the empty filter, and host-call pricing.
 PROBE_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "tokentap_probe.wasm"
+#: The filter built with `--features bench-stages` (`--stages`), in its own target dir.
+STAGES_WASM = REPO / "target" / "bench-stages" / "wasm32-wasip1" / "release" / "tokentap_filter.wasm"
+#: Where `--stages` stops the lifecycle (see `tokentap_core::lifecycle::Stage`).
+STAGES = ("headers", "bodies", "record", "metrics", "full")
 #: Host calls priced by `--hostcalls` (each repeated HOST_CALL_REPEAT times per request).
 HOST_CALLS = ("increment", "record", "define", "header_map", "header_value", "property", "set_property", "time")
 HOST_CALL_REPEAT = 200
@@ -223,6 +227,27 @@ def probe_edit(probe: str = "", profile: bool = False):
     return edit
 
 
+def stage_edit(stage: str):
+    """tokentap built with `bench-stages`, stopping after `stage`."""
+
+    def edit(config: dict) -> None:
+        proxy_edit(True)(config)
+        vm = stack.wasm_filter(config)["typed_config"]["config"]["vm_config"]
+        vm["code"]["local"]["filename"] = str(STAGES_WASM)
+        vm["environment_variables"] = {"key_values": {"TOKENTAP_BENCH_STAGE": stage}}
+
+    return edit
+
+
+def build_stages_wasm() -> None:
+    """The ablation build: same sources, the `bench-stages` feature on."""
+    subprocess.run(
+        ["cargo", "build", "-p", "tokentap-filter", "--target", "wasm32-wasip1", "--release",
+         "--features", "bench-stages", "--target-dir", str(STAGES_WASM.parents[2])],
+        cwd=REPO, check=True, timeout=900,
+    )
+
+
 def proxy_edit(with_filter: bool, tracing_port: int | None = None, filter_state: bool = True, profile: bool = False):
     def edit(config: dict) -> None:
         access_log_to_dev_null(config)
@@ -307,6 +332,10 @@ def run_scenario(
             Variant(report.EMPTY, "empty", start("empty", probe_edit(profile=profile)), LLM_PATH, False),
             Variant("with", "with", start("with", proxy_edit(True, sink_port, profile=profile)), LLM_PATH, True),
         ]
+        if opts.stages:
+            for stage in STAGES:
+                key = f"stage {stage}"
+                variants.append(Variant(key, key, start(key, stage_edit(stage)), LLM_PATH, stage in ("metrics", "full")))
         if opts.hostcalls and not scenario.streaming:
             for call in HOST_CALLS:
                 key = f"probe {call}:{HOST_CALL_REPEAT}"
@@ -422,6 +451,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short runs, one connection count: a smoke check")
     p.add_argument("--profile", action="store_true", help="add filter-on variants that skip work")
     p.add_argument(
+        "--stages",
+        action="store_true",
+        help="add ablation variants: tokentap stopping after " + ", ".join(STAGES) + " (built with bench-stages)",
+    )
+    p.add_argument(
         "--hostcalls",
         action="store_true",
         help=f"price each host call the filter makes: probe variants repeating one call {HOST_CALL_REPEAT}x per request (chat)",
@@ -495,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{opts.llm_sim} missing", file=sys.stderr)
         return 2
     sse_binary = build_sse_upstream(target_dir() / "gateway-bench")
+    if opts.stages:
+        build_stages_wasm()
     commit = subprocess.run(
         ["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "filters/core/src", "filters/wasm/src"],
         capture_output=True,
@@ -563,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         # A smoke run is not a result: keep it out of the source tree.
         out = target_dir() / "gateway-bench" / f"gateway-{now:%Y-%m-%d}-quick.md"
     else:
-        suffix = ("-profile" if opts.profile else "") + ("-hostcalls" if opts.hostcalls else "")
+        suffix = "".join(f"-{k}" for k in ("profile", "stages", "hostcalls") if getattr(opts, k))
         out = BENCH / "results" / f"gateway-{now:%Y-%m-%d}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
