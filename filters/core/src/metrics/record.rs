@@ -1,6 +1,6 @@
 //! What a finished request records: one small function per part.
 
-use super::catalogue::Family;
+use super::catalogue::{Family, MAX_LABELS};
 use super::labeler::{Labeler, RequestLabels};
 use super::store::{LabelValue, MetricStore, Series};
 use crate::labels::{Dimension, OVERFLOW, UNKNOWN};
@@ -35,21 +35,56 @@ impl<'a> Values<'a> {
     }
 
     /// route, tenant, model, route_class, team, backend, then `extra`.
-    fn with_tenant<const N: usize>(&self, extra: [LabelValue<'a>; N]) -> Vec<LabelValue<'a>> {
+    fn with_tenant(&self, extra: &[LabelValue<'a>]) -> LabelSet<'a> {
         use Dimension::*;
-        let mut v: Vec<LabelValue<'a>> = [Route, Tenant, Model, RouteClass, Team, Backend]
-            .map(|d| self.dim(d))
-            .to_vec();
-        v.extend(extra);
+        let mut v = LabelSet::default();
+        for d in [Route, Tenant, Model, RouteClass, Team, Backend] {
+            v.push(self.dim(d));
+        }
+        extra.iter().for_each(|e| v.push(*e));
         v
     }
 
     /// The workload labels, the collection, then `extra`.
-    fn with_collection(&self, extra: Option<LabelValue<'a>>) -> Vec<LabelValue<'a>> {
-        let mut v = self.workload().to_vec();
+    fn with_collection(&self, extra: Option<LabelValue<'a>>) -> LabelSet<'a> {
+        let mut v = LabelSet::default();
+        self.workload().into_iter().for_each(|l| v.push(l));
         v.push(self.dim(Dimension::Collection));
-        v.extend(extra);
+        extra.into_iter().for_each(|e| v.push(e));
         v
+    }
+}
+
+/// Up to [`MAX_LABELS`] label values, without a heap allocation (a request
+/// builds a dozen of these).
+#[derive(Clone, Copy)]
+struct LabelSet<'a> {
+    values: [LabelValue<'a>; MAX_LABELS],
+    len: usize,
+}
+
+impl Default for LabelSet<'_> {
+    fn default() -> Self {
+        Self {
+            values: [LabelValue { id: 0, text: "" }; MAX_LABELS],
+            len: 0,
+        }
+    }
+}
+
+impl<'a> LabelSet<'a> {
+    fn push(&mut self, v: LabelValue<'a>) {
+        if let Some(slot) = self.values.get_mut(self.len) {
+            *slot = v;
+            self.len += 1;
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for LabelSet<'a> {
+    type Target = [LabelValue<'a>];
+    fn deref(&self) -> &Self::Target {
+        &self.values[..self.len]
     }
 }
 
@@ -82,14 +117,14 @@ fn traffic(store: &mut MetricStore, rec: &RequestRecord, values: &Values<'_>) {
         id: rec.status.filter(|s| (100..600).contains(s)).unwrap_or(0),
         text: status_text(rec.status, &mut buf),
     };
-    let v = values.with_tenant([status]);
+    let v = values.with_tenant(&[status]);
     store.add(&Series::new(Family::RequestsTotal, &v), 1);
     if let Some(e) = rec.error {
-        let v = values.with_tenant([vocab(e)]);
+        let v = values.with_tenant(&[vocab(e)]);
         store.add(&Series::new(Family::ErrorsTotal, &v), 1);
     }
     if let Some(hit) = rec.cache_hit {
-        let v = values.with_tenant([vocab(hit)]);
+        let v = values.with_tenant(&[vocab(hit)]);
         store.add(&Series::new(Family::CacheHitsTotal, &v), 1);
     }
 }
@@ -105,7 +140,7 @@ fn tokens(store: &mut MetricStore, rec: &RequestRecord, values: &Values<'_>) {
     ];
     for (token_type, n) in counts {
         if let Some(n) = n.filter(|n| *n > 0) {
-            let v = values.with_tenant([vocab(token_type), vocab(source)]);
+            let v = values.with_tenant(&[vocab(token_type), vocab(source)]);
             store.add(
                 &Series::new(Family::TokensTotal, &v),
                 i64::try_from(n).unwrap_or(i64::MAX),
