@@ -859,7 +859,7 @@ def _alert_signals_on_the_real_stack(prom) -> None:
     pods only; the telemetry alerts' return nothing."""
     produced = {"LLMSlowFirstToken", "LLMRuntimeSaturated", "LLMRuntimeKVCacheHigh", "LLMGPUMemoryPressure", "LLMRAGIndexStale",
                 "LLMRAGRetrievalFailing", "LLMCanaryErrorRegression", "LLMCanaryTTFTRegression", "LLMGatewayLabelOverflow", "LLMGatewaySeriesOverflow",
-                "LLMGatewaySpansDropped", "LLMGatewayParseErrors"}
+                "LLMGatewaySpansDropped", "LLMGatewayParseErrors", "LLMTTFTErrorBudgetFastBurn", "LLMTTFTErrorBudgetSlowBurn"}
     assert {a["alert"] for a in alerts()} == produced | FIRES_ON_THE_STACK | QUIET_ON_THE_STACK
     recorded = {r["record"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "record" in r}
     for a in alerts():
