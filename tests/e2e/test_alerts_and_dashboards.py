@@ -7,14 +7,22 @@
   and the workload labels its signal carries.
 * Every metric a rule or panel reads exists: gateway names and labels come
   from the filter's catalogue (filters/core/src/metrics.rs), runtime names
-  from docs/runtime-metrics.md, GPU names from gpu-exporter's code, and
-  kube-state-metrics names from a documented allowlist. Label matchers and
-  groupings only use labels those metrics have.
+  from docs/runtime-metrics.md, GPU names from gpu-exporter's code and docs,
+  and kube-state-metrics / cAdvisor names from a list checked against their
+  docs. Label matchers and groupings only use labels those metrics have.
+* Each rule change of issue 10 (relative canary threshold, saturation over
+  one zero sample, RAG freshness without traffic, the workload join, an
+  XID series' first event) has a promtool case that fails when it is
+  reverted; the restart panel's query is promtool-checked to list workload
+  pods only.
 * Live: the real stack (Envoy + filter + llm-sim, and gpu-exporter with its
-  fakes scraping the same llm-sim) is scraped by a real Prometheus on
-  loopback, and every dashboard query is evaluated against it: it returns
-  series, with the labels its legend names and the workload values of the
-  label contract, for "All" and for the concrete model / route class / team.
+  fakes scraping the same llm-sim, plus a kube-state-metrics/cAdvisor-shaped
+  stub) is scraped by a real Prometheus on loopback with the rules loaded,
+  and every dashboard query is evaluated against it: it returns series, with
+  the labels its legend names and the workload values of the label
+  contract, for "All" and for the concrete model / route class / team /
+  namespace / tenant. Kubernetes panels and alerts show workload pods only;
+  telemetry alerts are quiet (test_self_monitoring.py makes them fire).
 """
 
 from __future__ import annotations
