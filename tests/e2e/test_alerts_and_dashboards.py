@@ -6,7 +6,7 @@
   description, a runbook that resolves to a section of docs/operations.md,
   and the workload labels its signal carries.
 * Every metric a rule or panel reads exists: gateway names and labels come
-  from the filter's catalogue (filters/core/src/metrics.rs), runtime names
+  from the filter's catalogue (the gateway table of docs/metrics.md), runtime names
   from docs/runtime-metrics.md, GPU names from gpu-exporter's code and docs,
   and kube-state-metrics / cAdvisor names from a list checked against their
   docs. Label matchers and groupings only use labels those metrics have.
@@ -84,48 +84,29 @@ KUBE = {
 }
 #: Labels every scraped series has (the scrape's target labels).
 TARGET_LABELS = {"job", "instance"}
-#: Gateway families the rules read that the filter's catalogue does not have
-#: yet: the gateway's RAG index last-update gauge (same labels as
-#: llm_rag_index_age_seconds) lands with the filter rewrite. The catalogue
-#: parsed from filters/ wins once it has the family; then delete this.
-GATEWAY_PENDING = {"llm_rag_index_last_update_timestamp_seconds": "llm_rag_index_age_seconds"}
 
 # --- catalogues -----------------------------------------------------------------
 
 
 def gateway_catalogue() -> dict[str, set[str]]:
-    """Exposed series name -> label names, from the filter's `families!`."""
-    text = (REPO / "filters" / "core" / "src" / "metrics.rs").read_text()
-    labels_rs = (REPO / "filters" / "core" / "src" / "labels.rs").read_text()
-    dim_names = dict(re.findall(r"Dimension::(\w+) => \"(\w+)\"", labels_rs))
-    key_names = dict(re.findall(r"LabelKey::(\w+) => \"(\w+)\"", text))
-    consts = {}
-    for name, dim in re.findall(r"const (\w+): LabelKey = LabelKey::Dim\(Dimension::(\w+)\);", text):
-        consts[name] = dim_names[dim]
-
-    def label_list(src: str) -> set[str]:
-        out = set()
-        for item in (i.strip() for i in src.split(",") if i.strip()):
-            if item in consts:
-                out.add(consts[item])
-            elif item.startswith("LabelKey::"):
-                out.add(key_names[item.split("::")[1]])
-            else:
-                raise AssertionError(f"unknown label key {item}")
-        return out
-
-    arrays = {n: label_list(body) for n, body in re.findall(r"const (\w+): &\[LabelKey\] = &\[(.*?)\];", text, re.S)}
-    block = text[text.index("families! {"):]
-    block = block[: block.index("\n}\n")]
+    """Exposed series name -> label names, from the gateway table of
+    docs/metrics.md (which a unit test keeps equal to the filter's catalogue,
+    `filters/core/src/metrics/catalogue.rs`)."""
+    text = (REPO / "docs" / "metrics.md").read_text()
+    table = text[text.index("| name | type | unit | labels | what and when |"):]
+    table = table[: table.index("\n\n")]
     out = {}
-    for name, kind, labels in re.findall(r'=> "([a-z_]+)", (Counter|Gauge|Histogram), (&\[[^\]]*\]|\w+),', block):
-        ls = label_list(labels[2:-1]) if labels.startswith("&[") else arrays[labels]
-        if kind == "Histogram":
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name, kind, labels = cells[0].strip("`"), cells[1], cells[3]
+        ls = set() if labels == "—" else {l.strip().strip("`") for l in labels.split(",")}
+        if kind == "histogram":
             out[name + "_bucket"] = ls | {"le"}
             out[name + "_count"] = ls
             out[name + "_sum"] = ls
         else:
             out[name] = ls
+    assert len(out) > 20, f"the gateway table of docs/metrics.md was not found: {len(out)} series"
     return out
 
 
@@ -205,8 +186,7 @@ def recording_rules() -> dict[str, set[str]]:
 
 def catalogue() -> dict[str, set[str]]:
     gateway = gateway_catalogue()
-    pending = {new: gateway[like] for new, like in GATEWAY_PENDING.items()}
-    return {**pending, **gateway, **runtime_catalogue(), **gpu_catalogue(), **KUBE, **recording_rules()}
+    return {**gateway, **runtime_catalogue(), **gpu_catalogue(), **KUBE, **recording_rules()}
 
 
 # --- a small PromQL reader ---------------------------------------------------------
