@@ -12,12 +12,6 @@ pub trait HttpView {
     fn response_header(&self, name: &str) -> Option<Vec<u8>>;
     /// An Envoy attribute, e.g. `["xds", "route_name"]`.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
-    /// `:path`, the one header every request is classified by: a host can
-    /// answer it more cheaply than the whole map, for requests the filter
-    /// then ignores.
-    fn request_path(&self) -> Option<Vec<u8>> {
-        self.request_header(":path")
-    }
     /// Whether any response header starts with `prefix` (a host that can
     /// list headers saves the lookups of a contract that is absent).
     fn has_response_header_prefix(&self, _prefix: &str) -> bool {

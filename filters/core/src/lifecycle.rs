@@ -5,7 +5,7 @@
 //! spans, filter state, what to log) is made here, so the tests, the native
 //! benchmark and Envoy drive the same code.
 //!
-//! Cost model: a request the filter ignores costs one `:path` read. An LLM
+//! Cost model: a request the filter ignores costs one read of its headers. An LLM
 //! request is turned into a record once, when its response ends (or when
 //! Envoy logs an aborted stream); labels are resolved once; metrics go to
 //! the VM-side [`MetricStore`] and reach Envoy on the tick.

@@ -228,7 +228,7 @@ pub struct RequestObserver {
 impl RequestObserver {
     /// Starts observing if the request is LLM traffic.
     pub fn start(config: &Config, view: &dyn HttpView, clock: &dyn Clock) -> Option<Self> {
-        let path = view.request_path()?;
+        let path = view.request_header(":path")?;
         let (matched_path, operation) = config.match_path(&path)?;
         let now_ns = clock.now_nanos();
         let url_path = {

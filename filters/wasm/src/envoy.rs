@@ -269,9 +269,9 @@ pub fn set_property(path: &[&str], value: &[u8]) -> bool {
 }
 
 /// The current HTTP stream. Each header map is fetched once, in one host
-/// call, the first time a header of it is asked for (`:path` alone is read
-/// by value, so ignored requests never fetch the map); create a new one per
-/// callback, since headers change between callbacks.
+/// call, the first time a header of it is asked for (a single value costs
+/// about as much as the whole map: Envoy allocates either inside the VM);
+/// create a new one per callback, since headers change between callbacks.
 #[derive(Debug, Default)]
 pub struct EnvoyStream {
     request: OnceCell<Option<HeaderMap>>,
@@ -301,12 +301,6 @@ impl HttpView for EnvoyStream {
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         get_property(path)
-    }
-    fn request_path(&self) -> Option<Vec<u8>> {
-        match self.request.get() {
-            Some(map) => map.as_ref()?.get(":path").map(<[u8]>::to_vec),
-            None => header(MAP_REQUEST_HEADERS, ":path"),
-        }
     }
     fn has_response_header_prefix(&self, prefix: &str) -> bool {
         self.response_map()

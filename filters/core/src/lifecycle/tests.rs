@@ -198,7 +198,7 @@ fn filter_state_fields_mode_writes_one_key_per_value() {
 }
 
 #[test]
-fn a_request_the_filter_ignores_costs_one_path_read() {
+fn a_request_the_filter_ignores_costs_one_header_read() {
     let (mut g, _) = gateway(CONFIG);
     let stream_view = FakeView::default()
         .req(":path", "/healthz")
