@@ -221,6 +221,15 @@ fn lint() -> Result {
 fn bench(args: &[String]) -> Result {
     setup()?;
     build()?;
+    // The empty proxy-wasm filter the gateway benchmark measures as its floor.
+    run(Command::new(cargo()).args([
+        "build",
+        "-p",
+        "tokentap-probe",
+        "--target",
+        WASM_TARGET,
+        "--release",
+    ]))?;
     let quick: Vec<&str> = args.iter().map(String::as_str).collect();
     for script in ["bench/gateway.py", "bench/gpu_exporter.py"] {
         if root().join(script).exists() {
