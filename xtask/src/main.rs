@@ -210,6 +210,8 @@ fn lint() -> Result {
         "tokentap-core",
         "-p",
         "tokentap-filter",
+        "-p",
+        "tokentap-probe",
         "--target",
         WASM_TARGET,
         "--",
