@@ -23,12 +23,14 @@ import hashlib
 import hmac
 import json
 import math
+import shutil
 import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import pytest
 import yaml
 
 from harness import REPO, Proc, Scrape, free_port, get, next_base_id, envoy_binary, wait_http_ok, WASM, wait_until
@@ -38,8 +40,15 @@ K8S = REPO / "k8s"
 GATEWAY = K8S / "gateway"
 OBSERVABILITY = K8S / "observability"
 DOCS = REPO / "docs"
-PROMETHEUS = Path("/usr/bin/prometheus")
-PROMTOOL = Path("/usr/bin/promtool")
+
+
+def system_tool(name: str) -> Path:
+    """`prometheus` / `promtool` from PATH; the test is skipped without it."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not on PATH (Debian package prometheus; `cargo xtask setup` installs it when root)")
+    return Path(found)
+
 
 # --- manifests ---------------------------------------------------------------
 
@@ -404,7 +413,7 @@ def start_prometheus(tmp: Path, targets: dict[str, tuple[str, str]], *, interval
     cfg.write_text(yaml.safe_dump(config))
     proc = Proc(
         "prometheus",
-        [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'prom-data'}",
+        [system_tool("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'prom-data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         tmp / "prometheus.log",
     ).start()

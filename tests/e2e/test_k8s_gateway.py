@@ -65,6 +65,7 @@ from ops_stack import (
     set_plugin_config_raw,
     set_vm_env_keys,
     stats_config,
+    system_tool,
     yaml_docs,
 )
 from stack import start_sim
@@ -491,7 +492,7 @@ def test_plain_prometheus_scrape_config_is_valid(tmp_path):
         assert all(re.fullmatch(keep["regex"], f) for f in catalogue_families())
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(["/usr/bin/promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(system_tool("promtool")), "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
