@@ -38,6 +38,7 @@ PACKAGES = {
     "observability": "PrometheusRule and dashboards",
     "examples/vllm": "example vLLM runtime",
     "examples/gpu-exporter-servicemonitor": "gpu-exporter with a ServiceMonitor",
+    "examples/pinned-images": "Istio gateway and gpu-exporter, images pinned by digest",
 }
 GATEWAY_PACKAGES = [p for p in PACKAGES if p.startswith("gateway/")]
 CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "policy/v1", "batch/v1"}
