@@ -158,20 +158,23 @@ def test_crd_check_rejects_unknown_fields_bad_enums_and_missing_fields():
 # --- gateway packages -----------------------------------------------------------------
 
 
+def is_envoy_pod(template: dict) -> bool:
+    """An Envoy proxy pod: an istio-proxy container or Envoy's stats port."""
+    containers = template["spec"]["containers"]
+    return any(c["name"] == "istio-proxy" or any(p.get("containerPort") == 15090 for p in c.get("ports", []))
+               for c in containers)
+
+
 def prometheus_port_annotations(docs: list[dict]) -> list[str]:
-    """Every prometheus.io/* annotation on a gateway pod (pod templates, and
-    Gateway API infrastructure annotations, which istiod copies onto its
-    gateway pods), and any naming port 15090 anywhere."""
-    found = []
-    annotated = [(w, t["metadata"].get("annotations", {})) for w, t in pod_templates(docs)]
-    annotated += [(g, g["spec"].get("infrastructure", {}).get("annotations", {}))
+    """Every prometheus.io/* annotation on a gateway pod (Envoy pod
+    templates, and Gateway API infrastructure annotations, which istiod
+    copies onto its gateway pods), and any naming port 15090 anywhere."""
+    annotated = [(w, t["metadata"].get("annotations", {}), is_envoy_pod(t)) for w, t in pod_templates(docs)]
+    annotated += [(g, g["spec"].get("infrastructure", {}).get("annotations", {}), True)
                   for g in docs if g["kind"] == "Gateway" and g["apiVersion"].startswith("gateway.networking.k8s.io")]
-    for obj, annotations in annotated:
-        gateway = obj["kind"] == "Gateway" or "gateway" in obj["metadata"]["name"]
-        for key, value in annotations.items():
-            if key.startswith("prometheus.io/") and (gateway or value == "15090"):
-                found.append(f"{obj['kind']} {obj['metadata']['name']}: {key}={value}")
-    return found
+    return [f"{obj['kind']} {obj['metadata']['name']}: {key}={value}"
+            for obj, annotations, envoy in annotated for key, value in annotations.items()
+            if key.startswith("prometheus.io/") and (envoy or value == "15090")]
 
 
 @pytest.mark.parametrize("package", GATEWAY_PACKAGES)
@@ -184,7 +187,6 @@ def test_gateway_package_installs_no_inference_workload(package):
             assert "nvidia.com/gpu" not in json.dumps(c.get("resources", {})), workload["metadata"]["name"]
     # No cloud load balancer either: the gateway is exposed as the cluster does it.
     assert all(d["spec"].get("type", "ClusterIP") == "ClusterIP" for d in docs if d["kind"] == "Service")
-    assert not any(d["kind"] == "Namespace" and d["metadata"]["name"] == "gpu" for d in docs)
 
 
 @pytest.mark.parametrize("package", list(PACKAGES))
@@ -194,13 +196,18 @@ def test_no_pod_annotates_envoy_prometheus_port(package):
 
 def test_annotation_check_catches_15090():
     """Negative control: the annotation Istio 1.31 refuses is found, on the
-    classic gateway's pod template and on a Gateway API Gateway."""
+    classic gateway's pod template and on a Gateway API Gateway, and 15090
+    on any pod; the runtimes' own annotations (port 8000) are not flagged."""
     docs = render("gateway/istio")
     find(docs, "Deployment", "llm-ingressgateway")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] = "15090"
     assert prometheus_port_annotations(docs) == ["Deployment llm-ingressgateway: prometheus.io/port=15090"]
     docs = render("gateway/istio-gateway-api")
     find(docs, "Gateway", "llm-gateway")["spec"]["infrastructure"]["annotations"]["prometheus.io/scrape"] = "true"
     assert prometheus_port_annotations(docs) == ["Gateway llm-gateway: prometheus.io/scrape=true"]
+    docs = render("examples/vllm")
+    assert prometheus_port_annotations(docs) == []
+    find(docs, "Deployment", "vllm-canary")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] = "15090"
+    assert prometheus_port_annotations(docs) == ["Deployment vllm-canary: prometheus.io/port=15090"]
 
 
 # --- monitor selection ------------------------------------------------------------------
