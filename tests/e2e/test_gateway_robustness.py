@@ -402,6 +402,7 @@ def test_active_requests_gauge_tracks_streams_in_flight(logdir, wasm_path):
         wait_until(active, timeout=5, what="3 active requests")
         for t in threads:
             t.join()
+        envoy.flush_wait()  # the filter publishes its metrics on its tick
         scrape = parse_exposition(envoy.stats_prometheus())
         assert scrape.value("llm_gateway_active_requests", route="chat") == 0
     finally:

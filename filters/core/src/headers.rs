@@ -54,6 +54,13 @@ impl HeaderMap {
             .map(|(_, _, v, vl)| &self.buf[*v..*v + *vl])
     }
 
+    /// Whether any header name starts with `prefix`.
+    pub fn has_key_prefix(&self, prefix: &[u8]) -> bool {
+        self.entries
+            .iter()
+            .any(|(k, kl, _, _)| self.buf[*k..*k + *kl].starts_with(prefix))
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
