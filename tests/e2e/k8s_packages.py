@@ -119,11 +119,6 @@ def istio_proxy_config(package: str = "gateway/istio") -> dict:
     return yaml.safe_load(annotations["proxy.istio.io/config"])
 
 
-def istio_bootstrap_override(package: str = "gateway/istio") -> dict:
-    cm = find(render(package), "ConfigMap", "tokentap-gateway-bootstrap")
-    return json.loads(cm["data"]["custom_bootstrap.json"])
-
-
 # --- CRD schemas ----------------------------------------------------------------
 
 

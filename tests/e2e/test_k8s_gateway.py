@@ -8,16 +8,17 @@ test_k8s_packages.py. Here:
   their Gateway and Services, the plugin configuration's route and backend
   keys are the names each platform gives Envoy routes and clusters, tracing
   points at a real collector cluster.
-* No drift: the stats tags and histogram buckets in the Istio and Envoy
-  Gateway packages equal envoy/stats-config.yaml.
+* No drift: the stats tags in the Istio and Envoy Gateway packages equal
+  envoy/stats-config.yaml (`le` included: the filter publishes histograms
+  as `_bucket{le}` counters, so no platform sets buckets).
 * The real Envoy + the built filter run with the bootstrap each platform
   would generate from these objects (Istio's stats_config from
-  extraStatTags/proxyStatsMatcher plus the bootstrap override; Envoy
+  extraStatTags/proxyStatsMatcher; Envoy
   Gateway's default bootstrap with our JSONPatch), the platform's route and
   cluster names, and the rendered plugin configuration: the configuration is
   accepted, every label comes out as a Prometheus label with the configured
   workload values (the same `route` and `backend` values on both platforms),
-  histograms have our buckets, spans reach the collector through the
+  histogram buckets come out as `le` labels, spans reach the collector through the
   platform's cluster name.
 """
 
@@ -38,7 +39,6 @@ from k8s_packages import (
     eg_extension_policy,
     eg_plugin_config,
     find,
-    istio_bootstrap_override,
     istio_plugin_config,
     istio_proxy_config,
     render,
@@ -151,10 +151,9 @@ def test_istio_wasmplugin_targets_the_gateway_fail_open_in_stats_phase():
     ]
     # Istio's gateway injection template gives istio-proxy these variables.
     assert dep["spec"]["template"]["metadata"]["annotations"]["inject.istio.io/templates"] == "gateway"
-    # The bootstrap override names a ConfigMap in the gateway's namespace.
-    cm_name = dep["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/bootstrapOverride"]
-    cm = find(docs, "ConfigMap", cm_name)
-    assert cm["metadata"]["namespace"] == dep["metadata"]["namespace"]
+    # No bootstrap override: the filter publishes its own buckets.
+    assert not any(k.startswith("sidecar.istio.io/") and k != "sidecar.istio.io/inject"
+                   for k in dep["spec"]["template"]["metadata"]["annotations"])
     # The JWT rules and the plugin read the same gateway's traffic.
     for kind in ("RequestAuthentication", "AuthorizationPolicy"):
         pol = find(docs, kind)
@@ -176,22 +175,12 @@ def test_istio_gateway_api_package_attaches_everything_to_its_gateway():
         pol = find(docs, kind)
         assert pol["spec"]["targetRefs"] == target and pol["metadata"]["namespace"] == gw["metadata"]["namespace"]
     assert wp["metadata"]["namespace"] == gw["metadata"]["namespace"]
-    # The options ConfigMap mounts the bootstrap override where istio-agent reads it.
+    # The options ConfigMap: overlays istiod applies to what it generates.
     ref = gw["spec"]["infrastructure"]["parametersRef"]
     assert (ref["group"], ref["kind"]) == ("", "ConfigMap")
     options = find(docs, "ConfigMap", ref["name"])
+    assert options["metadata"]["namespace"] == gw["metadata"]["namespace"]
     assert set(options["data"]) <= {"deployment", "service", "serviceAccount", "horizontalPodAutoscaler", "podDisruptionBudget"}
-    pod = yaml.safe_load(options["data"]["deployment"])["spec"]["template"]["spec"]
-    (proxy,) = pod["containers"]
-    assert proxy["name"] == "istio-proxy"
-    (env,) = proxy["env"]
-    (mount,) = proxy["volumeMounts"]
-    (volume,) = pod["volumes"]
-    assert env == {"name": "ISTIO_BOOTSTRAP_OVERRIDE", "value": mount["mountPath"] + "/custom_bootstrap.json"}
-    assert mount["name"] == volume["name"]
-    bootstrap = find(docs, "ConfigMap", volume["configMap"]["name"])
-    assert bootstrap["metadata"]["namespace"] == gw["metadata"]["namespace"] == options["metadata"]["namespace"]
-    assert "custom_bootstrap.json" in bootstrap["data"]
     assert yaml.safe_load(options["data"]["service"]) == {"spec": {"type": "ClusterIP"}}
     # The PodMonitor selects the pods istiod labels for this Gateway (kube-gateway template).
     pm = find(docs, "PodMonitor")
@@ -265,7 +254,7 @@ def test_istio_plugin_config_names_match_the_virtualservice():
 
 
 @pytest.mark.parametrize("package", ISTIO_PACKAGES)
-def test_istio_stats_tags_and_buckets_equal_the_plain_envoy_config(package):
+def test_istio_stats_tags_equal_the_plain_envoy_config(package):
     sc = stats_config()
     tags = {t["tag_name"]: t["regex"] for t in sc["stats_tags"]}
     proxy = istio_proxy_config(package)
@@ -276,16 +265,12 @@ def test_istio_stats_tags_and_buckets_equal_the_plain_envoy_config(package):
     mesh = yaml.safe_load((K8S / "gateway" / "istio" / "istiod-values.yaml").read_text())["meshConfig"]["defaultConfig"]
     assert mesh["extraStatTags"] == proxy["extraStatTags"]
     assert mesh["proxyStatsMatcher"] == proxy["proxyStatsMatcher"]
-    override = istio_bootstrap_override(package)
-    assert set(override) == {"stats_config"} and set(override["stats_config"]) == {"histogram_bucket_settings"}
-    assert override["stats_config"]["histogram_bucket_settings"] == sc["histogram_bucket_settings"], yaml.safe_dump(
-        sc["histogram_bucket_settings"]
-    )
+    assert "le" in proxy["extraStatTags"] and "histogram_bucket_settings" not in sc
 
 
 def test_istio_stats_matcher_regex_selects_exactly_the_tokentap_stats():
     """RE2 full match semantics (Envoy's safe_regex) on names built like the
-    filter builds them (filters/core/src/metrics.rs: fields, then the name)."""
+    filter builds them (filters/core/src/metrics: fields, then the name)."""
     (regex,) = istio_proxy_config()["proxyStatsMatcher"]["inclusionRegexps"]
     families = catalogue_families()
     assert len(families) >= 25
@@ -298,7 +283,9 @@ def test_istio_stats_matcher_regex_selects_exactly_the_tokentap_stats():
 
 
 def catalogue_families() -> list[str]:
-    text = (REPO / "filters" / "core" / "src" / "metrics.rs").read_text()
+    """The filter's metric families, from its `families!` catalogue."""
+    (source,) = [p for p in (REPO / "filters" / "core" / "src").rglob("*.rs") if "\nfamilies! {" in p.read_text()]
+    text = source.read_text()
     block = text[text.index("families! {"):]
     block = block[: block.index("\n}\n")]
     return re.findall(r'=> "([a-z_]+)", (?:Counter|Gauge|Histogram),', block)
@@ -375,12 +362,10 @@ def test_envoy_gateway_bootstrap_patch_equals_the_plain_envoy_config():
     tags = [p["value"] for p in patches["jsonPatches"] if p["path"] == "/stats_config/stats_tags/-"]
     assert all(p["op"] == "add" for p in patches["jsonPatches"])
     assert tags == sc["stats_tags"]
-    (hb,) = [p["value"] for p in patches["jsonPatches"] if p["path"] == "/stats_config/histogram_bucket_settings"]
-    assert hb == sc["histogram_bucket_settings"]
+    assert {p["path"] for p in patches["jsonPatches"]} == {"/stats_config/stats_tags/-", "/static_resources/clusters/-"}
     # Applied to Envoy Gateway's default bootstrap, the result is ours plus its own tags.
     patched = json_patch({"stats_config": EG_DEFAULT_STATS_CONFIG, "static_resources": {"clusters": []}}, patches["jsonPatches"])
     assert patched["stats_config"]["stats_tags"][4:] == sc["stats_tags"]
-    assert patched["stats_config"]["histogram_bucket_settings"] == sc["histogram_bucket_settings"]
     # Before v1.7 the default bootstrap has no stats_config.stats_tags: the patch cannot apply.
     with pytest.raises(KeyError):
         json_patch({"static_resources": {"clusters": []}}, patches["jsonPatches"])
@@ -497,21 +482,23 @@ def _check_labels_and_buckets(scrape, *, routes: dict[str, str], backends: dict[
     assert {b for _, _, b in seen} == set(backends.values()), seen
     # The prompt-cache hit: `cache` label extracted (also next to Istio's own `cache` tag).
     assert scrape.series("llm_gateway_cache_hits_total", cache="prompt"), scrape.label_sets("llm_gateway_cache_hits_total")
-    # Histograms carry the buckets of envoy/stats-config.yaml.
-    for setting in sc["histogram_bucket_settings"]:
-        name = setting["match"]["suffix"]
-        les = sorted({float(s.labels["le"]) for s in scrape.series(name + "_bucket")})
-        if les:
-            assert les == sorted(float(b) for b in setting["buckets"]) + [float("inf")], name
+    # Histogram buckets come out as `le` labels (the filter's cumulative
+    # counters): each series has +Inf, equal to its _count.
+    histograms = {s.name[: -len("_bucket")] for s in scrape.samples if s.name.endswith("_bucket")}
+    assert "llm_gateway_request_duration_milliseconds" in histograms, histograms
+    for name in histograms:
+        counts = {tuple(sorted(s.labels.items())): s.value for s in scrape.series(name + "_count")}
+        infs = {tuple(sorted((k, v) for k, v in s.labels.items() if k != "le")): s.value
+                for s in scrape.series(name + "_bucket") if s.labels["le"] == "+Inf"}
+        assert infs == counts and counts, name
     ttft = scrape.series("llm_gateway_time_to_first_token_milliseconds_count")
     assert sum(s.value for s in ttft) >= 1
 
 
 def test_istio_equivalent_bootstrap_runs_the_wasmplugin_config(logdir, wasm_path):
     """Istio's generated stats_config (our extraStatTags + Istio's own tags,
-    its stats matcher + our proxyStatsMatcher), our bootstrap override via
-    --config-yaml as istio-agent passes it, Istio's route/cluster names, its
-    jwt_authn metadata key, and the WasmPlugin's pluginConfig as JSON."""
+    its stats matcher + our proxyStatsMatcher), Istio's route/cluster names,
+    its jwt_authn metadata key, and the WasmPlugin's pluginConfig as JSON."""
     plugin = istio_plugin_config()
     stable = istio_cluster_name("vllm-stable.llm.svc.cluster.local", 8000)
     canary = istio_cluster_name("vllm-canary.llm.svc.cluster.local", 8000)
@@ -532,9 +519,7 @@ def test_istio_equivalent_bootstrap_runs_the_wasmplugin_config(logdir, wasm_path
         plugin["tracing"]["sample_ratio"] = 1.0
         set_plugin_config_raw(config, plugin)
         set_vm_env_keys(config, ["POD_NAME", "POD_NAMESPACE"])
-        override = json.dumps(istio_bootstrap_override())
-        envoy = launch_envoy(logdir, config, ports, extra_args=["--config-yaml", override],
-                             env={"POD_NAME": "llm-ingressgateway-7f9c-x2x", "POD_NAMESPACE": "istio-ingress"})
+        envoy = launch_envoy(logdir, config, ports, env={"POD_NAME": "llm-ingressgateway-7f9c-x2x", "POD_NAMESPACE": "istio-ingress"})
         try:
             token = hs256_jwt({"iss": ISSUER, "tenant": "acme", "exp": int(time.time()) + 600}, SECRET)
             statuses = _traffic(envoy, token)
