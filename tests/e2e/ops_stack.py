@@ -40,10 +40,12 @@ DOCS = REPO / "docs"
 
 
 def system_tool(name: str) -> Path:
-    """`prometheus` / `promtool` from PATH; the test is skipped without it."""
+    """A system tool (`prometheus`, `promtool`, `buildah`) from PATH; the
+    test is skipped without it."""
     found = shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} not on PATH (Debian package prometheus; `cargo xtask setup` installs it when root)")
+        package = "prometheus" if name in ("prometheus", "promtool") else name
+        pytest.skip(f"{name} not on PATH (Debian package {package}; `cargo xtask setup` installs it when root)")
     return Path(found)
 
 
