@@ -1,10 +1,8 @@
 """Helpers for the deployment, alert and drill suites (`k8s/gateway`,
 `k8s/observability`, `docs/operations.md`).
 
-* Manifest access: the YAML documents under `k8s/`, the plugin configurations
-  embedded in the Istio WasmPlugin and the Envoy Gateway
-  EnvoyExtensionPolicy, and the names those platforms give Envoy routes and
-  clusters.
+* The names Istio and Envoy Gateway give Envoy routes and clusters (the
+  rendered packages themselves: k8s_packages.py).
 * Platform-equivalent bootstraps: the `stats_config` Istio's agent generates
   from `extraStatTags` / `proxyStatsMatcher`, and Envoy Gateway's default one
   with our JSONPatch applied, so a real Envoy runs with what the manifests
@@ -27,6 +25,7 @@ import hashlib
 import hmac
 import json
 import math
+import shutil
 import threading
 import time
 import urllib.parse
@@ -35,79 +34,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable
 
+import pytest
 import yaml
 
 from harness import REPO, Proc, Scrape, free_port, get, next_base_id, envoy_binary, wait_http_ok, WASM, wait_until
 from stack import Envoy, render_template, hcm_of, wasm_filter
 
 K8S = REPO / "k8s"
-GATEWAY = K8S / "gateway"
 OBSERVABILITY = K8S / "observability"
 DOCS = REPO / "docs"
-PROMETHEUS = Path("/usr/bin/prometheus")
-PROMTOOL = Path("/usr/bin/promtool")
-
-# --- manifests ---------------------------------------------------------------
 
 
-def yaml_docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+def system_tool(name: str) -> Path:
+    """A system tool (`prometheus`, `promtool`, `buildah`) from PATH; the
+    test is skipped without it."""
+    found = shutil.which(name)
+    if found is None:
+        package = "prometheus" if name in ("prometheus", "promtool") else name
+        pytest.skip(f"{name} not on PATH (Debian package {package}; `cargo xtask setup` installs it when root)")
+    return Path(found)
 
 
-def manifest_files(root: Path = GATEWAY) -> list[Path]:
-    return sorted(p for p in root.rglob("*.yaml") if p.name != "kustomization.yaml")
-
-
-def find(docs: Iterable[dict], kind: str, name: str | None = None) -> dict:
-    found = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
-    if len(found) != 1:
-        raise AssertionError(f"expected one {kind} {name or ''}, found {len(found)}")
-    return found[0]
-
-
-def all_docs(root: Path = GATEWAY) -> list[dict]:
-    docs = []
-    for p in manifest_files(root):
-        if p.name == "istiod-values.yaml":  # Helm values, not a Kubernetes object
-            continue
-        # Only Kubernetes objects (rule files, promtool tests and scrape
-        # configs live next to them).
-        docs.extend(d for d in yaml_docs(p) if isinstance(d, dict) and "apiVersion" in d and "kind" in d)
-    return docs
+# --- manifests (rendered: k8s_packages.py) --------------------------------------
 
 
 def stats_config() -> dict:
     """`envoy/stats-config.yaml`: the source of truth for tags and buckets."""
     return yaml.safe_load((REPO / "envoy" / "stats-config.yaml").read_text())["stats_config"]
-
-
-def istio_plugin_config() -> dict:
-    wp = find(yaml_docs(GATEWAY / "istio" / "wasmplugin.yaml"), "WasmPlugin")
-    # Istio hands pluginConfig (a protobuf Struct) to the VM as its JSON text.
-    return json.loads(json.dumps(wp["spec"]["pluginConfig"]))
-
-
-def istio_proxy_config() -> dict:
-    dep = find(yaml_docs(GATEWAY / "istio" / "ingress-gateway.yaml"), "Deployment")
-    return yaml.safe_load(dep["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
-
-
-def istio_bootstrap_override() -> dict:
-    cm = find(yaml_docs(GATEWAY / "istio" / "bootstrap-override.yaml"), "ConfigMap")
-    return json.loads(cm["data"]["custom_bootstrap.json"])
-
-
-def eg_extension_policy() -> dict:
-    return find(yaml_docs(GATEWAY / "envoy-gateway" / "extension-policy.yaml"), "EnvoyExtensionPolicy")
-
-
-def eg_plugin_config() -> dict:
-    # Envoy Gateway passes `config` (raw JSON) to the VM as a string.
-    return json.loads(json.dumps(eg_extension_policy()["spec"]["wasm"][0]["config"]))
-
-
-def eg_envoy_proxy() -> dict:
-    return find(yaml_docs(GATEWAY / "envoy-gateway" / "envoyproxy.yaml"), "EnvoyProxy")
 
 
 def istio_cluster_name(host: str, port: int, subset: str = "") -> str:
@@ -438,7 +391,7 @@ def start_prometheus(tmp: Path, targets: dict[str, tuple[str, str]], *, interval
     cfg.write_text(yaml.safe_dump(config))
     proc = Proc(
         "prometheus",
-        [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'prom-data'}",
+        [system_tool("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'prom-data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         tmp / "prometheus.log",
     ).start()

