@@ -338,8 +338,9 @@ def run_scenario(
                 variants.append(Variant(key, key, start(key, stage_edit(stage)), LLM_PATH, stage in ("metrics", "full")))
         if opts.hostcalls and not scenario.streaming:
             for call in HOST_CALLS:
-                key = f"probe {call}:{HOST_CALL_REPEAT}"
-                variants.append(Variant(key, key, start(key, probe_edit(f"{call}:{HOST_CALL_REPEAT}")), LLM_PATH, False))
+                for n in (1, HOST_CALL_REPEAT):
+                    key = f"probe {call}:{n}"
+                    variants.append(Variant(key, key, start(key, probe_edit(f"{call}:{n}")), LLM_PATH, False))
         if profile:
             variants.append(Variant("with, non-LLM path", "with", envoys["with"], NON_LLM_PATH, False))
             variants.append(Variant("with, disabled on the route", "with", envoys["with"], DISABLED_PATH, False))

@@ -109,15 +109,25 @@ def summary_rows(result: ScenarioResult, connections: list[int]) -> list[list[st
 
 
 def hostcall_rows(results: list[ScenarioResult], connections: list[int], repeat: int) -> list[list[str]]:
+    """Per host call: the first call of a request (probe `call:1` minus the
+    empty filter: includes what Envoy sets up per stream on first use), and
+    each further call ((`call:N` − `call:1`) ÷ (N − 1))."""
     rows = []
     for res in results:
         for conns in connections:
             added = added_cpu(res, conns)
             floor = added.get(EMPTY)
-            for name, cpu in added.items():
-                if name.startswith("probe ") and floor is not None:
-                    call = name.removeprefix("probe ").split(":")[0]
-                    rows.append([str(conns), f"`{call}`", f"{(cpu - floor) / repeat * 1000:.0f}"])
+            if floor is None:
+                continue
+            for name in added:
+                if not (name.startswith("probe ") and name.endswith(f":{repeat}")):
+                    continue
+                call = name.removeprefix("probe ").split(":")[0]
+                once = added.get(f"probe {call}:1")
+                many = added[name]
+                first = f"{(once - floor) * 1000:.0f}" if once is not None else ""
+                each = (many - once) / (repeat - 1) if once is not None else (many - floor) / repeat
+                rows.append([str(conns), f"`{call}`", first, f"{each * 1000:.0f}"])
     return rows
 
 
@@ -181,10 +191,12 @@ def render(results: list[ScenarioResult], opts, meta: dict) -> str:
     if calls:
         out += [
             "",
-            f"Host calls, priced on this Envoy: the probe filter repeats one call {meta.get('host_call_repeat')} times "
-            "in the request-headers callback; cost per call = (probe's CPU per request − empty filter's) ÷ repeats.",
+            f"Host calls, priced on this Envoy: the probe filter makes one call once, or {meta.get('host_call_repeat')} "
+            "times, in the request-headers callback. First call: the once-probe's CPU per request minus the empty "
+            "filter's (it includes what Envoy sets up for a stream on first use). Each further call: the difference "
+            "between the two probes divided by the extra calls.",
             "",
-            table(["conns", "host call", "ns per call"], calls),
+            table(["conns", "host call", "first call, ns", "each further call, ns"], calls),
         ]
     out += [
         "",
