@@ -17,7 +17,7 @@ use crate::cgroup::{ProcCgroupResolver, ProcessResolver};
 use crate::config::Cli;
 use crate::gpu::nvml::{NvmlConfig, NvmlSource};
 use crate::gpu::{GpuReading, GpuSource};
-use crate::kube::{KubeClient, KubeConfig, PodStore};
+use crate::kube::{KubeClient, KubeConfig, PodChange, PodStore};
 use crate::metrics::{ExpositionOptions, GpuCollector, SnapshotCell};
 use crate::podresources::{AllocationSource, PodResourcesClient, ResourceFilter};
 use crate::server::{serve, AppState};
@@ -119,6 +119,34 @@ async fn collection_loop<A: AllocationSource>(
     }
 }
 
+/// Hands the pod watch's changes to the runtime collector one pod at a
+/// time; a re-list (or a backlog past the feed's bound) re-reads every pod.
+async fn feed_runtime_targets(
+    store: Arc<PodStore>,
+    runtime: Arc<RuntimeCollector>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut changes = store.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = &mut shutdown => return,
+        }
+        let taken = store.take_changes();
+        if taken.resync {
+            runtime.update_pods(&store.snapshot().pod_infos());
+            continue;
+        }
+        for change in taken.changes {
+            match change {
+                PodChange::Upserted(pod) => runtime.update_pod(&pod.info),
+                PodChange::Removed(pod) => runtime.remove_pod(&pod.info),
+            }
+        }
+    }
+}
+
 /// Runs the exporter until `shutdown` resolves.
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     let policy = WorkloadLabelPolicy::with_extra_keys(&cli.pod_label_allowlist);
@@ -149,10 +177,15 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
                 node_name: node.clone(),
                 timeout: cli.kube.timeout,
                 watch_timeout: cli.kube.watch_timeout,
+                progress_timeout: cli.kube.progress_timeout,
             };
             match KubeClient::new(config) {
                 Ok(client) => {
-                    let store = Arc::new(PodStore::default());
+                    let store = Arc::new(if cli.runtime.runtime_disable {
+                        PodStore::default()
+                    } else {
+                        PodStore::with_change_feed()
+                    });
                     tracing::info!(%url, node = %node, "watching pods of this node");
                     tokio::spawn(client.run(store.clone(), stopped(stop_tx.subscribe())));
                     Some(store)
@@ -164,23 +197,15 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
             }
         }
     };
-    // --- inference runtimes: fed every pod of the node on each change
+    // --- inference runtimes: fed each pod change of the node's watch
     let runtime = RuntimeCollector::new(&cli.runtime, policy.clone());
     tokio::spawn(runtime.clone().run(stopped(stop_tx.subscribe())));
-    if let Some(store) = &pods {
-        let store = store.clone();
-        let runtime = runtime.clone();
-        let mut changes = store.subscribe();
-        let mut stop = stop_tx.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                runtime.update_pods(&store.snapshot().pod_infos());
-            }
-        });
+    if let (Some(store), false) = (&pods, cli.runtime.runtime_disable) {
+        tokio::spawn(feed_runtime_targets(
+            store.clone(),
+            runtime.clone(),
+            stopped(stop_tx.subscribe()),
+        ));
     }
 
     // --- kubelet
@@ -207,7 +232,9 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
             dcgm_compat: cli.dcgm_compat,
         },
     )));
-    registry.register_collector(Box::new(RuntimeCollectorHandle(runtime)));
+    if !cli.runtime.runtime_disable {
+        registry.register_collector(Box::new(RuntimeCollectorHandle(runtime)));
+    }
     let listener = TcpListener::bind(cli.listen)
         .await
         .map_err(|source| AppError::Listen {

@@ -164,6 +164,12 @@ pub struct KubeArgs {
     /// Server-side timeout of one WATCH; the watch then resumes.
     #[arg(long = "kube-watch-timeout", env = "GPU_EXPORTER_KUBE_WATCH_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub watch_timeout: Duration,
+
+    /// Longest silence of the pod watch (no event, no bookmark) before the
+    /// API server is probed; when the probe fails too, the pod collector
+    /// reports failure and serves its last known pods, marked stale.
+    #[arg(long = "kube-watch-progress-timeout", env = "GPU_EXPORTER_KUBE_WATCH_PROGRESS_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub progress_timeout: Duration,
 }
 
 fn non_empty(s: &str) -> Option<PathBuf> {

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty};
@@ -247,8 +247,8 @@ pub fn decode_watch_line(line: &[u8]) -> Result<WatchEvent, KubeError> {
 
 // ---------------------------------------------------------------- store
 
-/// Pods of this node, indexed by UID and by (namespace, name). Replaced as a
-/// whole on every change, so readers take a cheap `Arc` snapshot.
+/// Pods of this node, indexed by UID and by (namespace, name). Readers take
+/// a cheap `Arc` snapshot; writers change it in place (see [`PodStore`]).
 #[derive(Clone, Debug, Default)]
 pub struct PodIndex {
     by_uid: HashMap<String, Arc<NodePod>>,
@@ -264,23 +264,32 @@ impl PodIndex {
         index
     }
 
-    fn insert(&mut self, pod: NodePod) {
+    /// Adds or replaces a pod; a pod recreated under the same name drops
+    /// its predecessor. Returns what changed.
+    fn insert(&mut self, pod: NodePod) -> Vec<PodChange> {
+        let mut changes = Vec::with_capacity(2);
         let key = (pod.info.namespace.clone(), pod.info.name.clone());
         if let Some(old_uid) = self.by_name.get(&key) {
             if *old_uid != pod.info.uid {
-                self.by_uid.remove(old_uid);
+                if let Some(old) = self.by_uid.remove(old_uid) {
+                    changes.push(PodChange::Removed(old));
+                }
             }
         }
+        let pod = Arc::new(pod);
         self.by_name.insert(key, pod.info.uid.clone());
-        self.by_uid.insert(pod.info.uid.clone(), Arc::new(pod));
+        self.by_uid.insert(pod.info.uid.clone(), pod.clone());
+        changes.push(PodChange::Upserted(pod));
+        changes
     }
 
-    fn remove(&mut self, pod: &NodePod) {
-        self.by_uid.remove(&pod.info.uid);
+    fn remove(&mut self, pod: &NodePod) -> Option<PodChange> {
+        let removed = self.by_uid.remove(&pod.info.uid);
         let key = (pod.info.namespace.clone(), pod.info.name.clone());
         if self.by_name.get(&key) == Some(&pod.info.uid) {
             self.by_name.remove(&key);
         }
+        removed.map(PodChange::Removed)
     }
 
     pub fn by_uid(&self, uid: &str) -> Option<&NodePod> {
@@ -321,12 +330,36 @@ struct WatchHealth {
     synced: bool,
 }
 
-/// The shared pod cache the watcher fills.
+/// One pod's change, as the runtime collector consumes it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodChange {
+    Upserted(Arc<NodePod>),
+    Removed(Arc<NodePod>),
+}
+
+/// Changes not yet taken by the consumer of the change feed.
+#[derive(Debug, Default, PartialEq)]
+pub struct PodChanges {
+    /// The whole set was replaced (a re-list), or more changed than the
+    /// feed keeps: the consumer re-reads the index.
+    pub resync: bool,
+    pub changes: Vec<PodChange>,
+}
+
+/// Changes kept for the feed before they collapse into one resync.
+const MAX_PENDING_CHANGES: usize = 1024;
+
+/// The shared pod cache the watcher fills. An event changes one entry of
+/// the index in place (the index is copied only when a collection pass
+/// holds a snapshot at that moment), so its cost does not grow with the
+/// pods on the node.
 #[derive(Debug)]
 pub struct PodStore {
     index: RwLock<Arc<PodIndex>>,
     health: Mutex<WatchHealth>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// `None` unless built with [`PodStore::with_change_feed`].
+    pending: Option<Mutex<PodChanges>>,
 }
 
 impl Default for PodStore {
@@ -335,6 +368,7 @@ impl Default for PodStore {
             index: RwLock::new(Arc::new(PodIndex::default())),
             health: Mutex::new(WatchHealth::default()),
             changed: tokio::sync::watch::channel(0).0,
+            pending: None,
         }
     }
 }
@@ -347,7 +381,23 @@ pub struct WatchReport {
     pub synced: bool,
 }
 
+impl WatchReport {
+    /// The pods served come from a cache the API has not confirmed since
+    /// the watch last failed or fell silent.
+    pub fn stale(&self) -> bool {
+        self.synced && !self.healthy
+    }
+}
+
 impl PodStore {
+    /// A store that also keeps per-pod changes for [`PodStore::take_changes`].
+    pub fn with_change_feed() -> Self {
+        Self {
+            pending: Some(Mutex::new(PodChanges::default())),
+            ..Self::default()
+        }
+    }
+
     pub fn snapshot(&self) -> Arc<PodIndex> {
         self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -357,30 +407,63 @@ impl PodStore {
         self.changed.subscribe()
     }
 
-    fn publish(&self, index: PodIndex) {
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
-        self.changed.send_modify(|generation| *generation += 1);
+    /// Changes since the last call (see [`PodChanges`]).
+    pub fn take_changes(&self) -> PodChanges {
+        match &self.pending {
+            Some(pending) => std::mem::take(&mut *lock(pending)),
+            None => PodChanges {
+                resync: true,
+                changes: Vec::new(),
+            },
+        }
+    }
+
+    fn note(&self, change: Option<PodChange>) {
+        let Some(pending) = &self.pending else {
+            return;
+        };
+        let mut pending = lock(pending);
+        match change {
+            Some(change) if !pending.resync && pending.changes.len() < MAX_PENDING_CHANGES => {
+                pending.changes.push(change)
+            }
+            _ => {
+                pending.resync = true;
+                pending.changes.clear();
+            }
+        }
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, WatchHealth> {
-        self.health.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.health)
     }
 
     pub fn replace(&self, pods: Vec<NodePod>) {
-        self.publish(PodIndex::from_pods(pods));
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(PodIndex::from_pods(pods));
+        self.note(None);
+        self.changed.send_modify(|generation| *generation += 1);
         let mut health = self.health();
         health.synced = true;
         health.healthy = true;
     }
 
     pub fn apply(&self, event: &WatchEvent) {
-        let mut next = (*self.snapshot()).clone();
-        match event {
-            WatchEvent::Added(pod, _) | WatchEvent::Modified(pod, _) => next.insert(pod.clone()),
-            WatchEvent::Deleted(pod, _) => next.remove(pod),
-            WatchEvent::Bookmark(_) | WatchEvent::Error { .. } => return,
+        let changes = {
+            let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
+            let index = Arc::make_mut(&mut guard);
+            match event {
+                WatchEvent::Added(pod, _) | WatchEvent::Modified(pod, _) => {
+                    index.insert(pod.clone())
+                }
+                WatchEvent::Deleted(pod, _) => index.remove(pod).into_iter().collect(),
+                WatchEvent::Bookmark(_) | WatchEvent::Error { .. } => return,
+            }
+        };
+        for change in changes {
+            self.note(Some(change));
         }
-        self.publish(next);
+        self.changed.send_modify(|generation| *generation += 1);
     }
 
     pub fn record_error(&self, kind: ErrorKind) {
@@ -400,6 +483,10 @@ impl PodStore {
             synced: health.synced,
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 // --------------------------------------------------------------- client
@@ -458,6 +545,9 @@ pub struct KubeConfig {
     pub timeout: Duration,
     /// Server-side watch timeout; the watch is then resumed.
     pub watch_timeout: Duration,
+    /// Longest silence of a watch (no event, no bookmark) before the API is
+    /// probed; a probe that fails ends the watch as failed.
+    pub progress_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -514,6 +604,15 @@ pub fn list_path(node: &str, continue_token: Option<&str>) -> String {
     path
 }
 
+/// A one-item LIST: the cheapest request that proves the API server answers
+/// for this node's pods.
+pub fn probe_path(node: &str) -> String {
+    format!(
+        "/api/v1/pods?fieldSelector={}&limit=1",
+        encode_query_value(&format!("spec.nodeName={node}"))
+    )
+}
+
 pub fn watch_path(node: &str, resource_version: &str, timeout: Duration) -> String {
     format!(
         "/api/v1/pods?fieldSelector={}&watch=1&allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={}",
@@ -525,6 +624,12 @@ pub fn watch_path(node: &str, resource_version: &str, timeout: Duration) -> Stri
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// TCP keepalive on API connections: first probe after this idle time ...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ... then every this long, giving up after this many unanswered probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// Largest LIST page accepted.
 const MAX_LIST_BYTES: usize = 64 * 1024 * 1024;
@@ -570,6 +675,15 @@ impl KubeClient {
             .map_err(|_| KubeError::Timeout)?
             .map_err(KubeError::Connect)?;
         let _ = tcp.set_nodelay(true);
+        // A peer that vanished (host down, connection dropped by a
+        // middlebox) is noticed by the kernel even on a silent watch.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
+        if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot enable TCP keepalive to the Kubernetes API");
+        }
         #[cfg(feature = "in-cluster-tls")]
         if let Some(tls) = &self.tls {
             let name =
@@ -670,8 +784,20 @@ impl KubeClient {
         }
     }
 
+    /// Asks the API server for one pod of this node; an error (timeout
+    /// included) means the server does not answer.
+    async fn probe(&self) -> Result<(), KubeError> {
+        let response = self.get(&probe_path(&self.config.node_name)).await?;
+        tokio::time::timeout(self.config.timeout, response.into_body().collect())
+            .await
+            .map_err(|_| KubeError::Timeout)??;
+        Ok(())
+    }
+
     /// Watches from `resource_version`, applying events to `store`, until the
-    /// server closes the stream. Returns the last resourceVersion seen.
+    /// server closes the stream. Returns the last resourceVersion seen. A
+    /// watch silent for `progress_timeout` probes the server and fails when
+    /// the probe does.
     pub async fn watch(
         &self,
         resource_version: &str,
@@ -687,10 +813,18 @@ impl KubeClient {
         let mut buffer = BytesMut::new();
         // The server closes after timeoutSeconds; allow a margin before
         // declaring the connection dead.
-        let idle = self.config.watch_timeout + Duration::from_secs(30);
+        let deadline = Instant::now() + self.config.watch_timeout + Duration::from_secs(30);
         loop {
-            let frame = match tokio::time::timeout(idle, body.frame()).await {
-                Err(_) => return Err(KubeError::Timeout),
+            let frame = match tokio::time::timeout(self.config.progress_timeout, body.frame()).await
+            {
+                Err(_) => {
+                    // Silent past the bound: a quiet node, or a hung server.
+                    self.probe().await?;
+                    if Instant::now() > deadline {
+                        return Err(KubeError::Timeout);
+                    }
+                    continue;
+                }
                 Ok(None) => return Ok(version),
                 Ok(Some(frame)) => frame?,
             };
@@ -907,6 +1041,77 @@ mod tests {
     }
 
     #[test]
+    fn an_event_changes_the_index_in_place_unless_a_reader_holds_it() {
+        let store = PodStore::default();
+        store.replace(
+            (0..100)
+                .map(|i| decode_pod(pod_json(&format!("p{i}"), &format!("u{i}"))).unwrap())
+                .collect(),
+        );
+        let before = Arc::as_ptr(&store.snapshot());
+        let added = decode_pod(pod_json("new", "u-new")).unwrap();
+        store.apply(&WatchEvent::Added(added, "43".into()));
+        assert_eq!(
+            Arc::as_ptr(&store.snapshot()),
+            before,
+            "no copy of 100 pods"
+        );
+        // A pass holding a snapshot keeps seeing its own version.
+        let held = store.snapshot();
+        let gone = decode_pod(pod_json("p0", "u0")).unwrap();
+        store.apply(&WatchEvent::Deleted(gone, "44".into()));
+        assert_eq!(held.len(), 101);
+        assert_eq!(store.snapshot().len(), 100);
+    }
+
+    #[test]
+    fn the_change_feed_names_each_pod_and_collapses_a_relist() {
+        let store = PodStore::with_change_feed();
+        store.replace(vec![decode_pod(pod_json("a", "u-a")).unwrap()]);
+        assert!(store.take_changes().resync);
+        let b = decode_pod(pod_json("b", "u-b")).unwrap();
+        store.apply(&WatchEvent::Added(b.clone(), "43".into()));
+        let a2 = decode_pod(pod_json("a", "u-a2")).unwrap();
+        store.apply(&WatchEvent::Modified(a2, "44".into()));
+        store.apply(&WatchEvent::Bookmark("45".into()));
+        let taken = store.take_changes();
+        assert!(!taken.resync);
+        let named: Vec<(bool, &str)> = taken
+            .changes
+            .iter()
+            .map(|c| match c {
+                PodChange::Upserted(p) => (true, p.info.uid.as_str()),
+                PodChange::Removed(p) => (false, p.info.uid.as_str()),
+            })
+            .collect();
+        assert_eq!(named, [(true, "u-b"), (false, "u-a"), (true, "u-a2")]);
+        assert_eq!(store.take_changes(), PodChanges::default());
+        for i in 0..=MAX_PENDING_CHANGES {
+            let pod = decode_pod(pod_json(&format!("x{i}"), &format!("ux{i}"))).unwrap();
+            store.apply(&WatchEvent::Added(pod, "46".into()));
+        }
+        let overflow = store.take_changes();
+        assert!(overflow.resync && overflow.changes.is_empty());
+        // Without a feed, consumers always re-read the index.
+        assert!(PodStore::default().take_changes().resync);
+    }
+
+    #[test]
+    fn a_failed_watch_marks_the_served_pods_stale_until_a_relist() {
+        let store = PodStore::default();
+        assert!(!store.report().stale(), "nothing listed yet");
+        store.replace(vec![decode_pod(pod_json("a", "u-a")).unwrap()]);
+        store.record_error(ErrorKind::Expired);
+        assert!(!store.report().stale(), "410 is routine");
+        store.record_error(ErrorKind::Timeout);
+        let report = store.report();
+        assert!(report.stale() && !report.healthy);
+        assert_eq!(store.snapshot().len(), 1, "last known pods kept");
+        store.replace(vec![]);
+        assert!(!store.report().stale());
+    }
+
+    #[test]
     fn urls_and_paths() {
         assert_eq!(
             parse_url("https://10.96.0.1:443").unwrap(),
@@ -923,6 +1128,10 @@ mod tests {
         assert_eq!(
             list_path("node-1", None),
             "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&limit=500"
+        );
+        assert_eq!(
+            probe_path("node-1"),
+            "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&limit=1"
         );
         assert!(watch_path("n", "17", Duration::from_secs(300))
             .ends_with("&resourceVersion=17&timeoutSeconds=300"));

@@ -631,6 +631,12 @@ pub fn encode_snapshot(
             "Pods on this node known from the Kubernetes API watch.",
             vec![(vec![], pods as f64)],
         )?;
+        gauge(
+            enc,
+            "llm_gpu_exporter_node_pods_stale",
+            "1 while pod attribution is served from the last known pods because the Kubernetes API watch failed or fell silent.",
+            vec![(vec![], if snap.pods_stale { 1.0 } else { 0.0 })],
+        )?;
     }
 
     if options.dcgm_compat {

@@ -107,6 +107,9 @@ pub struct Snapshot {
     pub last_collection_unix_seconds: f64,
     /// Pods on this node known from the API; `None` without a pod watch.
     pub pods_on_node: Option<usize>,
+    /// The pods served are the last known ones, not confirmed by the API
+    /// since the watch failed or fell silent.
+    pub pods_stale: bool,
 }
 
 impl Snapshot {
@@ -131,6 +134,7 @@ impl Snapshot {
             enumerations_total: 0,
             last_collection_unix_seconds: 0.0,
             pods_on_node: None,
+            pods_stale: false,
         }
     }
 }
@@ -392,8 +396,10 @@ impl SnapshotBuilder {
         }
 
         // --- pods
+        let mut pods_stale = false;
         let (pod_index, synced) = match pods {
             Some((index, report)) => {
+                pods_stale = report.stale();
                 for kind in &report.errors {
                     self.count_error(Collector::KubePods, *kind);
                 }
@@ -602,6 +608,7 @@ impl SnapshotBuilder {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
             pods_on_node: pods_ref.map(PodIndex::len),
+            pods_stale,
         }
     }
 }

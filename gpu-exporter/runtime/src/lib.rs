@@ -12,6 +12,7 @@ mod accumulate;
 pub mod discovery;
 pub mod normalize;
 pub mod parse;
+mod schedule;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -165,11 +166,14 @@ struct PodState {
     scrape_duration_seconds: f64,
     errors: BTreeMap<ScrapeError, u64>,
     malformed_lines_total: u64,
+    /// This target's next scrape slot.
+    next_due: Instant,
 }
 
 impl PodState {
-    fn new(target: Target) -> Self {
+    fn new(target: Target, next_due: Instant) -> Self {
         Self {
+            next_due,
             runtime: target.runtime_hint,
             target,
             up: false,
@@ -223,7 +227,7 @@ impl PodState {
 /// [`RuntimeCollectorHandle`] to encode.
 pub struct RuntimeCollector {
     args: RuntimeArgs,
-    selector: LabelSelector,
+    discovery: discovery::DiscoveryConfig,
     policy: WorkloadLabelPolicy,
     limits: ParseLimits,
     pods: Mutex<BTreeMap<String, PodState>>,
@@ -260,13 +264,16 @@ impl RuntimeCollector {
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Arc::new(Self {
+            discovery: discovery::DiscoveryConfig {
+                selector,
+                default_port: args.runtime_default_port,
+            },
             limits: ParseLimits {
                 max_body_bytes: args.runtime_max_body_bytes,
                 max_series: args.runtime_max_series,
                 ..ParseLimits::default()
             },
             args: args.clone(),
-            selector,
             policy,
             pods: Mutex::new(BTreeMap::new()),
             pods_changed: tokio::sync::Notify::new(),
@@ -274,38 +281,26 @@ impl RuntimeCollector {
         })
     }
 
-    /// Called by the exporter whenever its node-scoped pod watch changes (all pods on the node).
+    /// Replaces the whole target set from every pod on the node (after a
+    /// re-list). Targets that stay keep their state and scrape slot.
     pub fn update_pods(&self, pods: &[PodInfo]) {
-        let cfg = discovery::DiscoveryConfig {
-            selector: self.selector.clone(),
-            default_port: self.args.runtime_default_port,
-        };
+        if self.args.runtime_disable {
+            return;
+        }
         let targets: BTreeMap<String, Target> = pods
             .iter()
-            .filter_map(|p| discovery::target_for(p, &cfg, &self.policy))
+            .filter_map(|p| discovery::target_for(p, &self.discovery, &self.policy))
             .map(|t| (t.key.clone(), t))
             .collect();
+        let now = Instant::now();
         let mut changed = false;
         {
             let mut state = lock(&self.pods);
             let before = state.len();
             state.retain(|k, _| targets.contains_key(k));
             changed |= state.len() != before;
-            for (key, target) in targets {
-                match state.get_mut(&key) {
-                    Some(s) if s.target == target => {}
-                    Some(s) => {
-                        if s.runtime.is_none() {
-                            s.runtime = target.runtime_hint;
-                        }
-                        s.target = target;
-                        changed = true;
-                    }
-                    None => {
-                        state.insert(key, PodState::new(target));
-                        changed = true;
-                    }
-                }
+            for target in targets.into_values() {
+                changed |= self.upsert_target(&mut state, target, now);
             }
         }
         if changed {
@@ -313,8 +308,59 @@ impl RuntimeCollector {
         }
     }
 
-    /// Scrape loop; returns when `shutdown` resolves. New pods are scraped
-    /// at once, then every `--runtime-scrape-interval`.
+    /// Applies one pod's change: its target is added, updated, or dropped
+    /// when the pod no longer qualifies. Costs the same whatever the number
+    /// of pods on the node.
+    pub fn update_pod(&self, pod: &PodInfo) {
+        if self.args.runtime_disable {
+            return;
+        }
+        let changed = {
+            let mut state = lock(&self.pods);
+            match discovery::target_for(pod, &self.discovery, &self.policy) {
+                Some(target) => self.upsert_target(&mut state, target, Instant::now()),
+                None => state.remove(&discovery::target_key(pod)).is_some(),
+            }
+        };
+        if changed {
+            self.pods_changed.notify_one();
+        }
+    }
+
+    /// Forgets the target of a pod that left the node.
+    pub fn remove_pod(&self, pod: &PodInfo) {
+        lock(&self.pods).remove(&discovery::target_key(pod));
+    }
+
+    /// Inserts or updates one target; true when anything changed. A new
+    /// target gets its own slot in the interval, so it does not pull the
+    /// others' scrapes forward.
+    fn upsert_target(
+        &self,
+        state: &mut BTreeMap<String, PodState>,
+        target: Target,
+        now: Instant,
+    ) -> bool {
+        match state.get_mut(&target.key) {
+            Some(s) if s.target == target => false,
+            Some(s) => {
+                if s.runtime.is_none() {
+                    s.runtime = target.runtime_hint;
+                }
+                s.target = target;
+                true
+            }
+            None => {
+                let due = schedule::first_slot(&target.key, now, self.args.runtime_scrape_interval);
+                state.insert(target.key.clone(), PodState::new(target, due));
+                true
+            }
+        }
+    }
+
+    /// Scrape loop; returns when `shutdown` resolves. Each target is scraped
+    /// once per `--runtime-scrape-interval` at its own slot, whatever the
+    /// churn of pods around it.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         if self.args.runtime_disable {
@@ -322,28 +368,63 @@ impl RuntimeCollector {
             shutdown.await;
             return;
         }
-        let mut ticker = tokio::time::interval(self.args.runtime_scrape_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let wake = self.next_wake(Instant::now());
             tokio::select! {
-                _ = ticker.tick() => {}
-                _ = self.pods_changed.notified() => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                // A new target may have a slot before `wake`.
+                _ = self.pods_changed.notified() => continue,
                 _ = &mut shutdown => return,
             }
             tokio::select! {
-                _ = self.scrape_all() => {}
+                _ = self.scrape_due(Instant::now()) => {}
                 _ = &mut shutdown => return,
             }
         }
     }
 
-    /// Scrapes every target concurrently; each scrape has its own deadline,
-    /// so a slow runtime delays nobody else.
+    /// The earliest slot of any target, or one interval from `now` when
+    /// there are none.
+    fn next_wake(&self, now: Instant) -> Instant {
+        lock(&self.pods)
+            .values()
+            .map(|s| s.next_due)
+            .min()
+            .unwrap_or(now + self.args.runtime_scrape_interval)
+    }
+
+    /// Scrapes the targets whose slot has come and moves each to its next
+    /// slot; returns how many were scraped.
+    pub async fn scrape_due(&self, now: Instant) -> usize {
+        let interval = self.args.runtime_scrape_interval;
+        let due: Vec<Target> = lock(&self.pods)
+            .values_mut()
+            .filter(|s| s.next_due <= now)
+            .map(|s| {
+                s.next_due = schedule::next_slot(s.next_due, now, interval);
+                s.target.clone()
+            })
+            .collect();
+        let count = due.len();
+        self.scrape_targets(due).await;
+        count
+    }
+
+    /// Scrapes every target now, whatever its slot.
     pub async fn scrape_all(&self) {
         let targets: Vec<Target> = lock(&self.pods)
             .values()
             .map(|s| s.target.clone())
             .collect();
+        self.scrape_targets(targets).await;
+    }
+
+    /// Scrapes `targets` concurrently; each scrape has its own deadline, so
+    /// a slow runtime delays nobody else.
+    async fn scrape_targets(&self, targets: Vec<Target>) {
+        if targets.is_empty() {
+            return;
+        }
         let results = futures_util::future::join_all(targets.into_iter().map(|t| async move {
             let started = Instant::now();
             let hint = t.runtime_hint;
@@ -491,6 +572,10 @@ fn with(labels: &Labels, key: &str, value: &str) -> Labels {
 
 impl Collector for RuntimeCollectorHandle {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        // Disabled means absent: no `llm_runtime_up 0` for pods nobody scrapes.
+        if self.0.args.runtime_disable {
+            return Ok(());
+        }
         let pods = self.0.snapshot();
         let labelled: Vec<(Labels, &PodState)> = pods.iter().map(|p| (p.labels(), p)).collect();
 

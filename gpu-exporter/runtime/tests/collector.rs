@@ -236,6 +236,51 @@ fn pods_that_leave_are_forgotten() {
     assert_eq!(find(&s, "llm_runtime_up", "b").len(), 1);
 }
 
+#[test]
+fn disabled_collector_publishes_no_runtime_series_at_all() {
+    let pods = [pod("a", "ua", Some("vllm")), pod("b", "ub", None)];
+    let enabled = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    enabled.update_pods(&pods);
+    enabled.ingest("ua", &fixture("vllm.prom"));
+    assert!(encode(&enabled).contains("llm_runtime_up{"));
+
+    let args = RuntimeArgs {
+        runtime_disable: true,
+        ..RuntimeArgs::default()
+    };
+    let disabled = RuntimeCollector::new(&args, WorkloadLabelPolicy::default());
+    disabled.update_pods(&pods);
+    disabled.update_pod(&pod("c", "uc", None));
+    disabled.ingest("ua", &fixture("vllm.prom"));
+    let text = encode(&disabled);
+    let runtime_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("llm_runtime_"))
+        .collect();
+    assert!(runtime_lines.is_empty(), "{runtime_lines:?}");
+    assert_eq!(disabled.target_count(), 0);
+}
+
+#[test]
+fn one_pod_change_touches_only_its_target() {
+    let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    c.update_pods(&[pod("a", "ua", None), pod("b", "ub", None)]);
+    c.ingest("ua", &fixture("vllm.prom"));
+    c.update_pod(&pod("c", "uc", Some("sglang")));
+    assert_eq!(c.target_count(), 3);
+    // A pod that stops matching the selector loses its target ...
+    let mut b = pod("b", "ub", None);
+    b.labels.remove("app.kubernetes.io/part-of");
+    c.update_pod(&b);
+    assert_eq!(c.target_count(), 2);
+    // ... one that leaves the node too; the others keep their state.
+    c.remove_pod(&pod("c", "uc", None));
+    let s = parse(&encode(&c));
+    assert_eq!(value(find(&s, "llm_runtime_up", "a")[0]), 1.0);
+    assert!(find(&s, "llm_runtime_up", "b").is_empty());
+    assert!(find(&s, "llm_runtime_up", "c").is_empty());
+}
+
 fn arb_line() -> impl Strategy<Value = String> {
     let fixture_lines: Vec<String> = [
         "vllm.prom",
