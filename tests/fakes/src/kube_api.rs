@@ -13,7 +13,18 @@
 //! - `POST /admin/expire`: forget history and end every watch with a
 //!   410 ERROR event, so clients must re-list;
 //! - `POST /admin/fail?count=N`: answer the next N API requests with 500;
-//! - `GET /admin/stats`: `{"lists": n, "watches": n, "unauthorized": n}`.
+//! - `POST /admin/gone?count=N`: answer the next N WATCH requests with an
+//!   HTTP 410 (on the request itself, not as an event in the stream);
+//! - `POST /admin/hang` / `POST /admin/resume`: a hung server. While hung,
+//!   open watches send nothing (no events, no bookmarks) and API requests
+//!   get no answer; on resume those requests and watches are closed
+//!   unanswered (their clients gave up long ago) and are not counted;
+//! - `GET /admin/stats`: `{"lists": n, "watches": n, "unauthorized": n,
+//!   "resourceVersion": "rv"}`.
+//!
+//! `--resource-version N` starts the version counter at N, so a fake
+//! restarted with the last version it served continues where it left off
+//! (like an API server restarting over the same etcd).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -281,6 +292,8 @@ struct Store {
     /// Watches from a resourceVersion older than this get 410 Gone.
     oldest_rv: u64,
     fail_next: u64,
+    /// WATCH requests still to answer with HTTP 410.
+    gone_next: u64,
     stats: Stats,
 }
 
@@ -332,6 +345,25 @@ pub struct FakeApi {
     token: Option<String>,
     store: Mutex<Store>,
     live: broadcast::Sender<Live>,
+    /// True while the server plays hung (see the module docs).
+    hung: tokio::sync::watch::Sender<bool>,
+}
+
+/// A request dropped without an answer (the connection is closed).
+#[derive(Debug)]
+pub struct Unanswered;
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request held while hung, closed unanswered")
+    }
+}
+
+impl std::error::Error for Unanswered {}
+
+/// Resolves once the hung flag equals `value` (or its sender is gone).
+async fn until_hung_is(hung: &mut tokio::sync::watch::Receiver<bool>, value: bool) {
+    let _ = hung.wait_for(|h| *h == value).await;
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -467,20 +499,23 @@ impl FakeApi {
         node: String,
         token: Option<String>,
         scenario: Scenario,
+        initial_rv: u64,
     ) -> Result<Arc<Self>, String> {
         let (live, _) = broadcast::channel(1024);
         let api = Arc::new(Self {
             node,
             token,
             store: Mutex::new(Store {
-                rv: 100,
+                rv: initial_rv,
                 pods: BTreeMap::new(),
                 history: VecDeque::new(),
-                oldest_rv: 100,
+                oldest_rv: initial_rv,
                 fail_next: 0,
+                gone_next: 0,
                 stats: Stats::default(),
             }),
             live,
+            hung: tokio::sync::watch::channel(false).0,
         });
         for pod in &scenario.pods {
             let object = pod_object(pod, &api.node)?;
@@ -555,6 +590,10 @@ impl FakeApi {
         {
             let mut store = self.store();
             store.stats.watches += 1;
+            if store.gone_next > 0 {
+                store.gone_next -= 1;
+                return error(StatusCode::GONE, "Expired", "too old resource version");
+            }
             let requested = params
                 .get("resourceVersion")
                 .map(String::as_str)
@@ -592,7 +631,12 @@ impl FakeApi {
                 },
             }
         }
+        let mut hung = self.hung.subscribe();
         tokio::spawn(async move {
+            let hung_now = *hung.borrow_and_update();
+            if hung_now {
+                return;
+            }
             for chunk in initial {
                 if tx.send(chunk).await.is_err() {
                     return;
@@ -607,6 +651,12 @@ impl FakeApi {
             let mut bookmark_tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
+                    biased;
+                    // Hung: send nothing, then end the stream on resume.
+                    _ = until_hung_is(&mut hung, true) => {
+                        until_hung_is(&mut hung, false).await;
+                        return;
+                    }
                     _ = &mut deadline => return,
                     _ = bookmark_tick.tick(), if bookmarks => {
                         let object = json!({"kind": "Pod", "apiVersion": "v1",
@@ -665,11 +715,13 @@ impl FakeApi {
                 )
             }
             (Method::GET, "/admin/stats") => {
-                let s = self.store().stats;
+                let store = self.store();
+                let s = store.stats;
                 full(
                     StatusCode::OK,
-                    json!({"lists": s.lists, "watches": s.watches, "unauthorized": s.unauthorized})
-                        .to_string(),
+                    json!({"lists": s.lists, "watches": s.watches, "unauthorized": s.unauthorized,
+                           "resourceVersion": store.rv.to_string()})
+                    .to_string(),
                 )
             }
             (Method::PUT, "/admin/pods") => {
@@ -748,6 +800,22 @@ impl FakeApi {
                     json!({"oldestResourceVersion": store.oldest_rv.to_string()}).to_string(),
                 )
             }
+            (Method::POST, "/admin/gone") => {
+                let count = params
+                    .get("count")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1);
+                self.store().gone_next = count;
+                full(StatusCode::OK, json!({"goneNext": count}).to_string())
+            }
+            (Method::POST, "/admin/hang") => {
+                self.hung.send_replace(true);
+                full(StatusCode::OK, json!({"hung": true}).to_string())
+            }
+            (Method::POST, "/admin/resume") => {
+                self.hung.send_replace(false);
+                full(StatusCode::OK, json!({"hung": false}).to_string())
+            }
             (Method::POST, "/admin/fail") => {
                 let count = params
                     .get("count")
@@ -760,11 +828,24 @@ impl FakeApi {
         }
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path().to_string();
-        if path.starts_with("/admin/") {
-            return self.admin(req).await;
+    /// Serves one request; while hung, API requests wait and are then
+    /// dropped unanswered.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Unanswered> {
+        if req.uri().path().starts_with("/admin/") {
+            return Ok(self.admin(req).await);
         }
+        if *self.hung.borrow() {
+            until_hung_is(&mut self.hung.subscribe(), false).await;
+            return Err(Unanswered);
+        }
+        Ok(self.api(req))
+    }
+
+    fn api(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
         if !self.authorized(&req) {
             self.store().stats.unauthorized += 1;
             return error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
@@ -861,12 +942,13 @@ pub async fn run(
     node: String,
     token: Option<String>,
     tls: Option<Tls>,
+    initial_rv: u64,
 ) -> anyhow::Result<()> {
     let scenario = match scenario {
         Some(path) => serde_json::from_str(&std::fs::read_to_string(&path)?)?,
         None => Scenario::default(),
     };
-    let api = FakeApi::new(node, token, scenario).map_err(anyhow::Error::msg)?;
+    let api = FakeApi::new(node, token, scenario, initial_rv).map_err(anyhow::Error::msg)?;
     let acceptor = tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -879,7 +961,7 @@ pub async fn run(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(api.handle(req).await) }
+                async move { api.handle(req).await }
             });
             let builder = hyper::server::conn::http1::Builder::new();
             let result = match acceptor {
@@ -997,5 +1079,80 @@ mod tests {
         assert!(
             Selector::parse(None, &params(&[("fieldSelector", "status.phase=Running")])).is_err()
         );
+    }
+
+    fn watch_params(rv: &str) -> BTreeMap<String, String> {
+        [
+            ("resourceVersion", rv),
+            ("allowWatchBookmarks", "false"),
+            ("timeoutSeconds", "30"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    async fn next_line(body: &mut Body) -> Option<Value> {
+        let frame = tokio::time::timeout(Duration::from_millis(300), body.frame())
+            .await
+            .ok()??
+            .ok()?;
+        serde_json::from_slice(&frame.into_data().ok()?).ok()
+    }
+
+    fn api_with_one_pod(initial_rv: u64) -> Arc<FakeApi> {
+        let scenario = Scenario {
+            pods: vec![json!({"name": "a", "namespace": "llm"})],
+        };
+        FakeApi::new("n".into(), None, scenario, initial_rv).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restart_with_the_last_version_continues_the_sequence() {
+        let api = api_with_one_pod(5000);
+        assert_eq!(api.store().rv, 5001);
+        let selector = Selector::parse(None, &BTreeMap::new()).unwrap();
+        let mut body = api.watch(selector, &watch_params("5001")).into_body();
+        let pod = pod_object(&json!({"name": "b", "namespace": "llm"}), "n").unwrap();
+        api.store().upsert(pod, &api.live);
+        let event = next_line(&mut body).await.unwrap();
+        assert_eq!(event["type"], "ADDED");
+        assert_eq!(event["object"]["metadata"]["resourceVersion"], "5002");
+        // A version from before the restart's first one is too old.
+        let selector = Selector::parse(None, &BTreeMap::new()).unwrap();
+        let mut old = api.watch(selector, &watch_params("4000")).into_body();
+        assert_eq!(next_line(&mut old).await.unwrap()["object"]["code"], 410);
+    }
+
+    #[tokio::test]
+    async fn gone_answers_the_watch_request_itself_with_410() {
+        let api = api_with_one_pod(100);
+        api.store().gone_next = 1;
+        let selector = || Selector::parse(None, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            api.watch(selector(), &watch_params("101")).status(),
+            StatusCode::GONE
+        );
+        assert_eq!(
+            api.watch(selector(), &watch_params("101")).status(),
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_server_sends_nothing_until_resumed_then_ends_the_watch() {
+        let api = api_with_one_pod(100);
+        let selector = Selector::parse(None, &BTreeMap::new()).unwrap();
+        let mut body = api.watch(selector, &watch_params("101")).into_body();
+        let b = pod_object(&json!({"name": "b", "namespace": "llm"}), "n").unwrap();
+        api.store().upsert(b, &api.live);
+        assert_eq!(next_line(&mut body).await.unwrap()["type"], "ADDED");
+        api.hung.send_replace(true);
+        let c = pod_object(&json!({"name": "c", "namespace": "llm"}), "n").unwrap();
+        api.store().upsert(c, &api.live);
+        assert!(next_line(&mut body).await.is_none(), "an event while hung");
+        api.hung.send_replace(false);
+        let end = tokio::time::timeout(Duration::from_secs(2), body.frame()).await;
+        assert!(matches!(end, Ok(None)), "the stream ends on resume");
     }
 }
