@@ -335,6 +335,7 @@ def start_exporter(
     name: str = "gpu-exporter",
     wait_first_pass: bool = True,
     runtime: bool = False,
+    runtime_interval: str = "300ms",
 ) -> Exporter:
     """Run `gpu-exporter` against the fakes; waits for /healthz and a pass.
 
@@ -355,7 +356,7 @@ def start_exporter(
         "--kube-ca-file", str(kube_ca_file) if kube_ca_file else "",
         "--host-proc", str(host_proc) if host_proc is not None else "",
         "--nvml-retry-interval", "1s",
-        "--runtime-scrape-interval", "300ms",
+        "--runtime-scrape-interval", runtime_interval,
         *([] if runtime else ["--runtime-disable"]),
         *args,
     ]

@@ -168,12 +168,16 @@ struct PodState {
     malformed_lines_total: u64,
     /// This target's next scrape slot.
     next_due: Instant,
+    /// A scrape has completed: before that the target is counted in
+    /// `llm_runtime_targets` but has no series (not known down, just new).
+    scraped: bool,
 }
 
 impl PodState {
     fn new(target: Target, next_due: Instant) -> Self {
         Self {
             next_due,
+            scraped: false,
             runtime: target.runtime_hint,
             target,
             up: false,
@@ -204,6 +208,7 @@ impl PodState {
     }
 
     fn record(&mut self, outcome: Result<Normalized, ScrapeError>, took: Duration) {
+        self.scraped = true;
         self.scrape_duration_seconds = took.as_secs_f64();
         match outcome {
             Ok(n) => {
@@ -577,7 +582,11 @@ impl Collector for RuntimeCollectorHandle {
             return Ok(());
         }
         let pods = self.0.snapshot();
-        let labelled: Vec<(Labels, &PodState)> = pods.iter().map(|p| (p.labels(), p)).collect();
+        let labelled: Vec<(Labels, &PodState)> = pods
+            .iter()
+            .filter(|p| p.scraped)
+            .map(|p| (p.labels(), p))
+            .collect();
 
         encode_gauges(
             &mut encoder,

@@ -230,6 +230,7 @@ fn pods_that_leave_are_forgotten() {
     let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
     c.update_pods(&[pod("a", "ua", None), pod("b", "ub", None)]);
     c.ingest("ua", &fixture("vllm.prom"));
+    c.ingest("ub", &fixture("vllm.prom"));
     c.update_pods(&[pod("b", "ub", None)]);
     let s = parse(&encode(&c));
     assert!(find(&s, "llm_runtime_up", "a").is_empty());
@@ -259,6 +260,26 @@ fn disabled_collector_publishes_no_runtime_series_at_all() {
         .collect();
     assert!(runtime_lines.is_empty(), "{runtime_lines:?}");
     assert_eq!(disabled.target_count(), 0);
+}
+
+#[test]
+fn a_target_not_scraped_yet_is_counted_but_has_no_series() {
+    let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    c.update_pods(&[pod("new", "un", None)]);
+    let s = parse(&encode(&c));
+    assert!(
+        find(&s, "llm_runtime_up", "new").is_empty(),
+        "new is not down"
+    );
+    let targets = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "llm_runtime_targets")
+        .unwrap();
+    assert_eq!(value(targets), 1.0);
+    c.ingest_failure("un", ScrapeError::Connect);
+    let s = parse(&encode(&c));
+    assert_eq!(value(find(&s, "llm_runtime_up", "new")[0]), 0.0);
 }
 
 #[test]
