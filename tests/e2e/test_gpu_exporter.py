@@ -7,6 +7,7 @@ the fakes, converted to base units here.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -647,6 +648,49 @@ def test_dcgm_compatible_names(stack, logdir):
         assert s.one("llm_gpu_utilization_ratio", **labels("0", G0, **MISTRAL)).value == pytest.approx(0.87)
     finally:
         exporter.stop()
+
+
+GOLDEN = Path(__file__).parent / "golden" / "gpu_exporter_exposition.txt"
+# Values that change from pass to pass (timings, pass counts, wall clock).
+VOLATILE = ("llm_gpu_exporter_collector_duration_seconds", "llm_gpu_exporter_collections_total",
+            "llm_gpu_exporter_last_collection_timestamp_seconds")
+
+
+def _masked(body: str) -> str:
+    lines = []
+    for line in body.splitlines():
+        if line.startswith(VOLATILE):
+            line = line.rsplit(" ", 1)[0] + " <volatile>"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_exposition_is_byte_identical_to_the_recorded_golden(cluster):
+    """The whole exposition for the fixed fake scenario (text and OpenMetrics,
+    dcgm names on), compared byte for byte with a recording; pass-to-pass
+    timings are masked. Refactors of the encoders must leave it unchanged;
+    a deliberate change re-records it with TOKENTAP_UPDATE_GOLDEN=1."""
+    scenario, kube, kubelet, logdir = cluster
+    exporter = start_exporter(logdir, scenario=scenario, kubelet=kubelet, kube_api=kube,
+                              host_proc=fake_proc(logdir / "proc"), args=["--dcgm-compat"])
+    try:
+        exporter.scrape_when(
+            lambda s: s.series("llm_gpu_up", pod="vllm-mistral-0", model="mistral-7b")
+            and s.value("llm_gpu_exporter_collector_success", collector="xid_events") == 1,
+            what="attributed and XID thread up")
+        exporter.next_pass()
+        bodies = []
+        for accept in (None, "application/openmetrics-text;version=1.0.0"):
+            status, _, body = metrics_raw(exporter, accept)
+            assert status == 200
+            bodies.append(_masked(body.decode()))
+    finally:
+        exporter.stop()
+    recorded = "# --- text\n" + bodies[0] + "# --- openmetrics\n" + bodies[1]
+    if os.environ.get("TOKENTAP_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(recorded)
+    assert recorded == GOLDEN.read_text()
 
 
 def test_runtime_metrics_of_node_pods_are_served_with_the_same_labels(cluster):

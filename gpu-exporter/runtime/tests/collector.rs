@@ -302,6 +302,56 @@ fn one_pod_change_touches_only_its_target() {
     assert!(find(&s, "llm_runtime_up", "c").is_empty());
 }
 
+/// The whole runtime exposition for every fixture, a failed target and a
+/// restart, compared byte for byte with a recording; encoder refactors must
+/// leave it unchanged (re-record a deliberate change with
+/// `TOKENTAP_UPDATE_GOLDEN=1`).
+#[test]
+fn exposition_is_byte_identical_to_the_recorded_golden() {
+    let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    let fixtures = [
+        "vllm.prom",
+        "sglang.prom",
+        "tgi.prom",
+        "trtllm-serve.prom",
+        "triton-tensorrt-llm.prom",
+    ];
+    let mut pods: Vec<PodInfo> = fixtures
+        .iter()
+        .enumerate()
+        .map(|(i, f)| pod(&format!("p{i}"), &format!("u{i}"), None).with_name_of(f))
+        .collect();
+    pods.push(pod("down", "u-down", Some("vllm")));
+    c.update_pods(&pods);
+    for (i, file) in fixtures.iter().enumerate() {
+        c.ingest(&format!("u{i}"), &fixture(file));
+        c.ingest(&format!("u{i}"), &fixture(file));
+    }
+    c.ingest_failure("u-down", ScrapeError::Timeout);
+    let text = encode(&c);
+    let path = format!("{}/tests/golden/exposition.txt", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var("TOKENTAP_UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::create_dir_all(format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        std::fs::write(&path, &text).unwrap();
+    }
+    assert!(
+        text == std::fs::read_to_string(&path).unwrap(),
+        "exposition differs from {path}"
+    );
+}
+
+/// Names a test pod after its fixture, for readable golden files.
+trait WithNameOf {
+    fn with_name_of(self, fixture: &str) -> Self;
+}
+
+impl WithNameOf for PodInfo {
+    fn with_name_of(mut self, fixture: &str) -> Self {
+        self.name = fixture.trim_end_matches(".prom").to_string();
+        self
+    }
+}
+
 fn arb_line() -> impl Strategy<Value = String> {
     let fixture_lines: Vec<String> = [
         "vllm.prom",
