@@ -10,6 +10,7 @@
 
 mod accumulate;
 pub mod discovery;
+pub mod duration;
 pub mod normalize;
 pub mod parse;
 mod schedule;
@@ -31,33 +32,12 @@ use tokentap_workload::{PodInfo, WorkloadLabelPolicy};
 
 pub use accumulate::Accumulator;
 pub use discovery::{LabelSelector, SelectorError, Target, ENGINE_TYPE_LABEL};
+pub use duration::{parse_duration, parse_positive_duration};
 pub use normalize::{
     normalize, normalize_exposition, normalize_with, CounterKind, GaugeKind, HistogramKind,
     NormHistogram, Normalized, Outcome, Runtime,
 };
 pub use parse::{ParseError, ParseLimits};
-
-/// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration `{s}` (use e.g. 500ms, 5s, 1m)"))?;
-    if !v.is_finite() || v <= 0.0 {
-        return Err(format!("duration `{s}` must be positive"));
-    }
-    Ok(Duration::from_secs_f64(v * scale))
-}
 
 /// CLI/env flags, flattened into the exporter's clap parser with
 /// `#[command(flatten)]`.
@@ -75,10 +55,10 @@ pub struct RuntimeArgs {
     #[arg(long, env = "TOKENTAP_RUNTIME_DEFAULT_PORT", default_value_t = 8000)]
     pub runtime_default_port: u16,
     /// How often every runtime pod is scraped.
-    #[arg(long, env = "TOKENTAP_RUNTIME_SCRAPE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TOKENTAP_RUNTIME_SCRAPE_INTERVAL", default_value = "5s", value_parser = parse_positive_duration)]
     pub runtime_scrape_interval: Duration,
     /// Per-scrape deadline (connect + response + body).
-    #[arg(long, env = "TOKENTAP_RUNTIME_SCRAPE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "TOKENTAP_RUNTIME_SCRAPE_TIMEOUT", default_value = "2s", value_parser = parse_positive_duration)]
     pub runtime_scrape_timeout: Duration,
     /// Larger metrics bodies are refused.
     #[arg(long, env = "TOKENTAP_RUNTIME_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
