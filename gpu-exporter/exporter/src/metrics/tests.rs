@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::gpu::{DeviceIdentity, DeviceReading, MemoryReading, NvmlStatus};
-use crate::snapshot::{GpuEntry, Owner};
 use crate::health::{Collector, CollectorStatus, ErrorKind};
+use crate::snapshot::{GpuEntry, Owner};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use tokentap_workload::WorkloadLabelPolicy;
