@@ -106,6 +106,15 @@ NON_LLM_PATH = "/v1/bench/not-llm"
 #: which the filter is disabled per route (`FilterConfig.disabled`).
 DISABLED_PATH = "/v1/bench/filter-disabled"
 SSE_EVENTS = 64
+#: The benchmark probe (filters/probe): the empty filter, and host-call pricing.
+PROBE_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "tokentap_probe.wasm"
+#: The filter built with `--features bench-stages` (`--stages`), in its own target dir.
+STAGES_WASM = REPO / "target" / "bench-stages" / "wasm32-wasip1" / "release" / "tokentap_filter.wasm"
+#: Where `--stages` stops the lifecycle (see `tokentap_core::lifecycle::Stage`).
+STAGES = ("headers", "bodies", "record", "metrics", "full")
+#: Host calls priced by `--hostcalls` (each repeated HOST_CALL_REPEAT times per request).
+HOST_CALLS = ("increment", "record", "define", "header_map", "header_value", "property", "set_property", "time")
+HOST_CALL_REPEAT = 200
 
 CHAT_BODY = {
     "model": "mistral-7b",
@@ -200,6 +209,45 @@ def add_disabled_route(config: dict, with_filter: bool) -> None:
     routes.insert(len(routes) - 1, route)
 
 
+def probe_edit(probe: str = "", profile: bool = False):
+    """The same proxy with the probe filter in tokentap's place: empty (`""`),
+    the floor any proxy-wasm filter pays, or repeating one host call
+    (`"<call>:<n>"`, see filters/probe)."""
+
+    def edit(config: dict) -> None:
+        access_log_to_dev_null(config)
+        if profile:
+            add_disabled_route(config, True)
+        wasm = stack.wasm_filter(config)["typed_config"]["config"]
+        wasm["vm_config"]["code"]["local"]["filename"] = str(PROBE_WASM)
+        wasm["vm_config"]["vm_id"] = "tokentap_probe"
+        wasm["root_id"] = "tokentap_probe"
+        wasm["configuration"]["value"] = probe
+
+    return edit
+
+
+def stage_edit(stage: str):
+    """tokentap built with `bench-stages`, stopping after `stage`."""
+
+    def edit(config: dict) -> None:
+        proxy_edit(True)(config)
+        vm = stack.wasm_filter(config)["typed_config"]["config"]["vm_config"]
+        vm["code"]["local"]["filename"] = str(STAGES_WASM)
+        vm["environment_variables"] = {"key_values": {"TOKENTAP_BENCH_STAGE": stage}}
+
+    return edit
+
+
+def build_stages_wasm() -> None:
+    """The ablation build: same sources, the `bench-stages` feature on."""
+    subprocess.run(
+        ["cargo", "build", "-p", "tokentap-filter", "--target", "wasm32-wasip1", "--release",
+         "--features", "bench-stages", "--target-dir", str(STAGES_WASM.parents[2])],
+        cwd=REPO, check=True, timeout=900,
+    )
+
+
 def proxy_edit(with_filter: bool, tracing_port: int | None = None, filter_state: bool = True, profile: bool = False):
     def edit(config: dict) -> None:
         access_log_to_dev_null(config)
@@ -281,8 +329,17 @@ def run_scenario(
         profile = opts.profile
         variants = [
             Variant(report.BASELINE, "without", start("without", proxy_edit(False, profile=profile)), LLM_PATH, False),
+            Variant(report.EMPTY, "empty", start("empty", probe_edit(profile=profile)), LLM_PATH, False),
             Variant("with", "with", start("with", proxy_edit(True, sink_port, profile=profile)), LLM_PATH, True),
         ]
+        if opts.stages:
+            for stage in STAGES:
+                key = f"stage {stage}"
+                variants.append(Variant(key, key, start(key, stage_edit(stage)), LLM_PATH, stage in ("metrics", "full")))
+        if opts.hostcalls and not scenario.streaming:
+            for call in HOST_CALLS:
+                key = f"probe {call}:{HOST_CALL_REPEAT}"
+                variants.append(Variant(key, key, start(key, probe_edit(f"{call}:{HOST_CALL_REPEAT}")), LLM_PATH, False))
         if profile:
             variants.append(Variant("with, non-LLM path", "with", envoys["with"], NON_LLM_PATH, False))
             variants.append(Variant("with, disabled on the route", "with", envoys["with"], DISABLED_PATH, False))
@@ -294,7 +351,12 @@ def run_scenario(
             result.checks.append(sanity_request(v.name, v.envoy.url + v.path, body_file, scenario.streaming))
         for ref in references:
             result.checks.append(sanity_request(f"{ref.name} alone", ref.url + LLM_PATH, body_file, scenario.streaming))
-        counters_before = {key: gateway_counters(e) for key, e in envoys.items() if key != "without"}
+        #: Only tokentap proxies have tokentap counters.
+        counters_before = {
+            key: gateway_counters(e)
+            for key, e in envoys.items()
+            if key not in ("without", "empty") and not key.startswith("probe")
+        }
 
         def target(v: Variant) -> Target:
             return Target(v.name, v.envoy.url, v.path, body_file, v.envoy.proc.pid, upstream.proc.pid)
@@ -388,6 +450,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs, one connection count: a smoke check")
     p.add_argument("--profile", action="store_true", help="add filter-on variants that skip work")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="add ablation variants: tokentap stopping after " + ", ".join(STAGES) + " (built with bench-stages)",
+    )
+    p.add_argument(
+        "--hostcalls",
+        action="store_true",
+        help=f"price each host call the filter makes: probe variants repeating one call {HOST_CALL_REPEAT}x per request (chat)",
+    )
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     p.add_argument("--connections", help="comma-separated wrk connection counts (default 16,64; quick: 16)")
     p.add_argument("--duration", type=int, help="seconds per measured run (default 4; quick: 1)")
@@ -438,6 +510,7 @@ def envoy_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PROBE_WASM
     opts = parse_args(argv)
     wasm = harness.WASM
     if not wasm.exists():
@@ -446,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     newer = [p for p in (REPO / "filters").rglob("*.rs") if p.stat().st_mtime > wasm.stat().st_mtime]
     if newer:
         print(f"warning: {len(newer)} filter source file(s) are newer than {wasm}; rebuild it", file=sys.stderr)
+    if not PROBE_WASM.exists():
+        print(f"{PROBE_WASM} missing: cargo build -p tokentap-probe --target wasm32-wasip1 --release", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("wrk not found (Debian package `wrk`)", file=sys.stderr)
         return 2
@@ -453,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{opts.llm_sim} missing", file=sys.stderr)
         return 2
     sse_binary = build_sse_upstream(target_dir() / "gateway-bench")
+    if opts.stages:
+        build_stages_wasm()
     commit = subprocess.run(
         ["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "filters/core/src", "filters/wasm/src"],
         capture_output=True,
@@ -461,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now()
     meta = {
         "mode": "quick" if opts.quick else ("profile" if opts.profile else "full"),
+        "host_call_repeat": HOST_CALL_REPEAT,
         "date": now.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model(),
@@ -484,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         # during the run must not put two builds into one report.
         stack.WASM = tmp / wasm.name
         shutil.copyfile(wasm, stack.WASM)
+        PROBE_WASM = Path(shutil.copyfile(PROBE_WASM, tmp / PROBE_WASM.name))
         meta["wasm_bytes"] = stack.WASM.stat().st_size
         meta["wasm_sha256"] = hashlib.sha256(stack.WASM.read_bytes()).hexdigest()[:12]
         try:
@@ -519,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         # A smoke run is not a result: keep it out of the source tree.
         out = target_dir() / "gateway-bench" / f"gateway-{now:%Y-%m-%d}-quick.md"
     else:
-        suffix = "-profile" if opts.profile else ""
+        suffix = "".join(f"-{k}" for k in ("profile", "stages", "hostcalls") if getattr(opts, k))
         out = BENCH / "results" / f"gateway-{now:%Y-%m-%d}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -196,6 +196,19 @@ impl RuntimeConfig {
     }
 
     /// Applies a partial update; nothing changes when any field is invalid.
+    ///
+    /// ```
+    /// use clap::Parser;
+    /// use tokentap_llm_sim::config::Args;
+    ///
+    /// let args = Args::parse_from(["llm-sim", "--ttft-ms", "80"]);
+    /// let runtime = args.runtime_config();
+    /// let slow = runtime.merge_json(br#"{"slow_factor": 3}"#).expect("valid update");
+    /// assert_eq!((slow.slow_factor, slow.ttft_ms), (3.0, 80.0));
+    ///
+    /// let refused = runtime.merge_json(br#"{"error_rate": 2}"#).unwrap_err();
+    /// assert_eq!(refused.to_string(), "field `error_rate` must be a number in [0, 1]");
+    /// ```
     pub fn merge_json(&self, body: &[u8]) -> Result<RuntimeConfig, ConfigError> {
         let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| ConfigError::NotJson(e.to_string()))?;

@@ -23,6 +23,15 @@ pub const CHAT_MESSAGE_OVERHEAD: u32 = 4;
 pub const CHAT_REPLY_PRIMING: u32 = 3;
 
 /// Prompt tokens of a chat request, given each message's text content.
+///
+/// ```
+/// use tokentap_llm_sim::tokens::{chat_prompt_tokens, text_tokens};
+///
+/// assert_eq!(text_tokens("hello"), 2); // 5 bytes -> ceil(5 / 4)
+/// assert_eq!(text_tokens(""), 1);
+/// // 3 (reply priming) + 4 (message overhead) + 2 ("hello")
+/// assert_eq!(chat_prompt_tokens(["hello"]), 9);
+/// ```
 pub fn chat_prompt_tokens<'a>(contents: impl IntoIterator<Item = &'a str>) -> u32 {
     contents
         .into_iter()

@@ -261,12 +261,20 @@ class Scrape:
 
 
 def parse_exposition(text: str) -> Scrape:
+    """Parses with `prometheus_client`, keeping sample names as exposed: the
+    parser appends `_total` to every counter sample, which would rename the
+    filter's histogram counters (`x_bucket`, `x_sum`, `x_count`, published
+    as counters) to `x_bucket_total`."""
+    exposed = {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if line and line[0] != "#"}
     families = {}
     samples: list[Sample] = []
     for fam in text_string_to_metric_families(text):
         families[fam.name] = fam
         for s in fam.samples:
-            samples.append(Sample(s.name, dict(s.labels), float(s.value)))
+            name = s.name
+            if fam.type == "counter" and name not in exposed and name.removesuffix("_total") in exposed:
+                name = name.removesuffix("_total")
+            samples.append(Sample(name, dict(s.labels), float(s.value)))
     return Scrape(text, families, samples)
 
 

@@ -10,7 +10,11 @@
   with our JSONPatch applied, so a real Envoy runs with what the manifests
   would produce in a cluster.
 * A Prometheus server on loopback (the Debian `prometheus` package) that
-  scrapes Envoy, to evaluate dashboard and alert PromQL against real samples.
+  scrapes Envoy, to evaluate dashboard and alert PromQL against real samples,
+  optionally with the rules loaded (`fast_rules`: rules.yaml with 1 s
+  intervals and `for` durations, generated, not copied), and a stub that
+  serves kube-state-metrics- and cAdvisor-shaped series for the Kubernetes
+  panels and alerts (no cluster here).
 * Histogram arithmetic with Prometheus' `histogram_quantile` semantics, for
   the drills.
 """
@@ -23,9 +27,11 @@ import hashlib
 import hmac
 import json
 import math
+import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable
 
@@ -366,10 +372,25 @@ def hs256_jwt(claims: dict, secret: bytes) -> str:
 class Prometheus:
     proc: Proc
     port: int
+    #: job -> file_sd file holding its target (see `set_target`).
+    target_files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def set_target(self, job: str, address: str) -> None:
+        """Point `job` at another address (a restarted process on a new port)."""
+        _write_targets(self.target_files[job], address)
+
+    def alerts(self) -> list[dict]:
+        """Pending and firing alerts (`/api/v1/alerts`)."""
+        r = get(f"{self.url}/api/v1/alerts", timeout=10)
+        return json.loads(r.body)["data"]["alerts"]
+
+    def firing(self, name: str) -> list[dict[str, str]]:
+        """Label sets of the firing alerts named `name`."""
+        return [a["labels"] for a in self.alerts() if a["labels"]["alertname"] == name and a["state"] == "firing"]
 
     def query(self, expr: str) -> list[dict]:
         r = get(f"{self.url}/api/v1/query?query={urllib.parse.quote(expr)}", timeout=10)
@@ -380,24 +401,37 @@ class Prometheus:
             raise AssertionError(f"{expr}: {body['data']['resultType']}, not a vector")
         return body["data"]["result"]
 
-    def targets_up(self) -> bool:
+    def targets_up(self, count: int = 1) -> bool:
         r = get(f"{self.url}/api/v1/targets", timeout=5)
         active = json.loads(r.body)["data"]["activeTargets"]
-        return bool(active) and all(t["health"] == "up" for t in active)
+        return len(active) >= count and all(t["health"] == "up" for t in active)
 
     def stop(self) -> None:
         self.proc.stop()
 
 
-def start_prometheus(tmp: Path, targets: dict[str, tuple[str, str]], *, interval: str = "1s") -> Prometheus:
+def _write_targets(path: Path, address: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"targets": [address]}]))
+    tmp.replace(path)
+
+
+def start_prometheus(tmp: Path, targets: dict[str, tuple[str, str]], *, interval: str = "1s",
+                     rule_files: Iterable[Path] = ()) -> Prometheus:
     """A Prometheus server on 127.0.0.1 scraping `targets` ({job: (host:port,
-    metrics_path)}) every `interval`."""
+    metrics_path)}) every `interval` (file_sd, so `set_target` can move a
+    job), evaluating `rule_files`."""
     port = free_port()
+    files = {job: tmp / f"targets-{job}.json" for job in targets}
+    for job, (addr, _) in targets.items():
+        _write_targets(files[job], addr)
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(p) for p in rule_files],
         "scrape_configs": [
-            {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [addr]}]}
-            for job, (addr, path) in targets.items()
+            {"job_name": job, "metrics_path": path,
+             "file_sd_configs": [{"files": [str(files[job])], "refresh_interval": "1s"}]}
+            for job, (_, path) in targets.items()
         ],
     }
     cfg = tmp / "prometheus.yml"
@@ -408,10 +442,59 @@ def start_prometheus(tmp: Path, targets: dict[str, tuple[str, str]], *, interval
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         tmp / "prometheus.log",
     ).start()
-    prom = Prometheus(proc, port)
+    prom = Prometheus(proc, port, files)
     wait_http_ok(f"{prom.url}/-/ready", proc, timeout=30)
-    wait_until(prom.targets_up, timeout=20, interval=0.2, what="prometheus targets up")
+    wait_until(lambda: prom.targets_up(len(targets)), timeout=20, interval=0.2, what="prometheus targets up")
     return prom
+
+
+def fast_rules(tmp: Path, *, interval: str = "1s", hold: str = "1s") -> Path:
+    """rules.yaml with every group evaluated each `interval` and every alert's
+    `for` set to `hold`: the shipped expressions, on a test's time scale."""
+    doc = yaml.safe_load((OBSERVABILITY / "rules.yaml").read_text())
+    for group in doc["groups"]:
+        group["interval"] = interval
+        for rule in group["rules"]:
+            if "alert" in rule:
+                rule["for"] = hold
+    path = tmp / "rules-fast.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class ExpositionStub:
+    """Serves `render(path)` as Prometheus text exposition on loopback: the
+    kube-state-metrics and cAdvisor series the Kubernetes panels and alerts
+    read, shaped as those exporters write them (see test_alerts_and_dashboards'
+    KUBE catalogue), where the stack has no cluster."""
+
+    def __init__(self, render) -> None:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                body = stub.render(self.path).encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain; version=0.0.4")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.render = render
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --- histograms ----------------------------------------------------------------

@@ -141,7 +141,8 @@ class Envoy:
         return wait_until(read, timeout=timeout, what=f"{at_least} access-log entries")
 
     def flush_wait(self) -> None:
-        """Histograms appear after a stats flush (1 s in tests); wait two."""
+        """The filter publishes its metrics on its tick (250 ms) and Envoy its
+        own histograms at a stats flush (1 s in tests): wait two flushes."""
         import time
 
         time.sleep(2.2)

@@ -157,6 +157,7 @@ def test_drill_runtime_restart_breaks_streams_then_recovers(logdir, wasm_path):
         assert cut == [200], "the stream had started: 200, then cut"
         assert [r.status for r in during] == [503] * 3
         assert after.status == 200
+        envoy.flush_wait()  # the filter publishes its metrics on its tick
         s = _scrape(envoy)
         assert s.value("llm_gateway_errors_total", route="chat", error_type="upstream_reset") == 1
         assert s.value("llm_gateway_errors_total", route="chat", error_type="gateway_reply") == 3

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from harness import http_request, parse_exposition, post_json, stream_timed, wait_until
+from harness import http_request, parse_exposition, post_json, sse_events, stream_timed, wait_until
 from raw_upstream import RawUpstream, Script
 from stack import plugin_config, remove_filter, set_plugin_config, start_envoy, start_sim, hcm_of
 
@@ -391,7 +391,13 @@ def test_active_requests_gauge_tracks_streams_in_flight(logdir, wasm_path):
         import threading
 
         payload = {"model": "mistral-7b", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 20, "stream": True}
-        threads = [threading.Thread(target=stream_timed, args=(envoy.url + CHAT, payload), kwargs={"headers": {"x-tenant-id": "acme"}}) for _ in range(3)]
+        results = []
+
+        def stream():
+            status, _, body, _ = stream_timed(envoy.url + CHAT, payload, headers={"x-tenant-id": "acme"})
+            results.append((status, sse_events(body)))
+
+        threads = [threading.Thread(target=stream) for _ in range(3)]
         for t in threads:
             t.start()
 
@@ -402,6 +408,10 @@ def test_active_requests_gauge_tracks_streams_in_flight(logdir, wasm_path):
         wait_until(active, timeout=5, what="3 active requests")
         for t in threads:
             t.join()
+        # Each stream ran to its end: role event, 16 tokens (the simulator's
+        # default output, shorter than max_tokens), [DONE].
+        assert [(status, len(events), events[-1]) for status, events in results] == [(200, 18, b"[DONE]")] * 3
+        envoy.flush_wait()  # the filter publishes its metrics on its tick
         scrape = parse_exposition(envoy.stats_prometheus())
         assert scrape.value("llm_gateway_active_requests", route="chat") == 0
     finally:

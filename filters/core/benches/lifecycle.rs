@@ -12,24 +12,51 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use tokentap_core::config::Config;
-use tokentap_core::host::{HostError, HttpView, MetricKind, MetricsHost};
+use tokentap_core::host::{
+    HostError, HttpView, Log, LogLevel, MetricKind, MetricsHost, StreamHost,
+};
 use tokentap_core::labels::LocalAdmission;
-use tokentap_core::metrics::{Labeler, MetricsRecorder};
-use tokentap_core::request::RequestObserver;
-use tokentap_core::state;
+use tokentap_core::lifecycle::{Gateway, NoExports};
 
-struct View(HashMap<&'static str, &'static [u8]>);
+struct Stream {
+    headers: HashMap<&'static str, &'static [u8]>,
+    request: &'static [u8],
+    chunk: Vec<u8>,
+}
 
-impl HttpView for View {
+impl HttpView for Stream {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.0.get(name).map(|v| v.to_vec())
+        self.headers.get(name).map(|v| v.to_vec())
     }
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.0.get(name).map(|v| v.to_vec())
+        self.headers.get(name).map(|v| v.to_vec())
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.0.get(path.join(".").as_str()).map(|v| v.to_vec())
+        self.headers
+            .get(path.join(".").as_str())
+            .map(|v| v.to_vec())
     }
+}
+
+impl StreamHost for Stream {
+    fn request_body(&self, start: usize, len: usize) -> Option<Vec<u8>> {
+        self.request.get(start..start + len).map(<[u8]>::to_vec)
+    }
+    fn response_body(&self, start: usize, len: usize) -> Option<Vec<u8>> {
+        self.chunk.get(start..start + len).map(<[u8]>::to_vec)
+    }
+    fn replace_request_body(&mut self, _: usize, _: &[u8]) {}
+    fn set_request_header(&mut self, _: &str, _: &str) {}
+    fn remove_request_header(&mut self, _: &str) {}
+    fn set_filter_state(&mut self, _: &str, value: &[u8]) {
+        black_box(value);
+    }
+}
+
+struct Quiet;
+
+impl Log for Quiet {
+    fn log(&self, _: LogLevel, _: &str) {}
 }
 
 struct NoopStats(u32);
@@ -57,64 +84,82 @@ fn main() {
              "routes":{"chat":{"route_class":"interactive","team":"platform-ai"}}}"#,
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let view = View(HashMap::from([
-        (":path", &b"/v1/chat/completions"[..]),
-        (":method", b"POST"),
-        ("x-tenant-id", b"acme"),
-        ("xds.route_name", b"chat"),
-        ("xds.cluster_name", b"llm_stable"),
-        ("response.code_details", b"via_upstream"),
-        (":status", b"200"),
-        ("content-type", b"text/event-stream"),
-    ]));
     let request = br#"{"model":"mistral-7b","messages":[{"role":"user","content":"Summarise the incident runbook for a saturated vLLM runtime."}],"max_tokens":64,"stream":true}"#;
+    let mut stream = Stream {
+        headers: HashMap::from([
+            (":path", &b"/v1/chat/completions"[..]),
+            (":method", b"POST"),
+            ("x-tenant-id", b"acme"),
+            ("xds.route_name", b"chat"),
+            ("xds.cluster_name", b"llm_stable"),
+            ("response.code_details", b"via_upstream"),
+            (":status", b"200"),
+            ("content-type", b"text/event-stream"),
+        ]),
+        request,
+        chunk: Vec::new(),
+    };
     let events: Vec<Vec<u8>> = (0..64)
         .map(|i| chunk(if i % 4 == 0 { "日本" } else { " word" }))
         .collect();
-    let tail = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":21,\"completion_tokens\":64}}\n\ndata: [DONE]\n\n";
+    let tail = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":21,\"completion_tokens\":64}}\n\ndata: [DONE]\n\n".to_vec();
+    let one_body: Vec<u8> = events
+        .concat()
+        .into_iter()
+        .chain(tail.iter().copied())
+        .collect();
 
-    let mut labeler = Labeler::new(&config, Box::new(LocalAdmission::default()));
-    let mut recorder = MetricsRecorder::new(NoopStats(0), 5000);
+    let mut gateway = Gateway::new(
+        config,
+        Box::new(LocalAdmission::default()),
+        NoopStats(0),
+        None,
+        Box::new(Quiet),
+    );
 
-    let mut run = |n_events: usize, iterations: u32| -> f64 {
+    // `chunks`: the response body callbacks of one request.
+    let mut run = |chunks: &[Vec<u8>], iterations: u32| -> f64 {
         let start = Instant::now();
         for i in 0..iterations {
             let t = u64::from(i) * 1_000_000_000;
-            let mut obs =
-                RequestObserver::start(&config, &view, t).unwrap_or_else(|| panic!("LLM path"));
-            let mut overflow = Vec::new();
-            let start_labels = labeler.start_labels(&config, obs.route_name(), &mut overflow);
-            recorder.active(&start_labels, &labeler, 1);
-            obs.request_body(request, true);
-            obs.response_headers(&config, &view, t + 1_000_000);
-            for (k, e) in events.iter().take(n_events).enumerate() {
-                obs.response_body(e, t + 2_000_000 + k as u64 * 1_000_000);
+            let mut s = gateway
+                .request_headers(&mut stream, &t)
+                .unwrap_or_else(|| panic!("LLM path"));
+            gateway.request_body(&mut s, &mut stream, request.len(), true);
+            gateway.response_headers(&mut s, &mut stream, &(t + 1_000_000), false);
+            for (k, c) in chunks.iter().enumerate() {
+                stream.chunk.clone_from(c);
+                let last = k + 1 == chunks.len();
+                let now = t + 2_000_000 + k as u64 * 1_000_000;
+                gateway.response_body(&mut s, &mut stream, c.len(), last, &now);
             }
-            obs.response_body(tail, t + 100_000_000);
-            let rec = obs.record(&config, &view, t + 100_000_000, false);
-            let labels = labeler.request_labels(&rec, &mut overflow);
-            black_box(state::summary_json(&state::filter_state(
-                &rec, &labels, &labeler,
-            )));
-            let rec = obs.record_final(&config, &view, t + 100_000_000);
-            let labels = labeler.request_labels(&rec, &mut overflow);
-            recorder.record_request(&rec, &labels, &labeler);
-            recorder.active(&start_labels, &labeler, -1);
-            black_box(&rec);
+            gateway.finish(s, &mut stream, &(t + 100_000_000));
+            if i % 64 == 0 {
+                gateway.tick(t, &mut NoExports);
+            }
         }
         start.elapsed().as_nanos() as f64 / f64::from(iterations)
     };
 
-    run(64, 2_000); // warm-up
-    let no_events = run(0, 20_000);
-    let with_events = run(64, 5_000);
+    let json_response = vec![tail.clone()];
+    let per_event: Vec<Vec<u8>> = events.iter().cloned().chain([tail.clone()]).collect();
+    let in_one_body = vec![one_body];
+    run(&per_event, 2_000); // warm-up
+    let no_events = run(&json_response, 20_000);
+    let one = run(&in_one_body, 5_000);
+    let each = run(&per_event, 5_000);
     println!(
         "request lifecycle without events (headers, body, usage, labels, state, metrics): {:.1} µs",
         no_events / 1000.0
     );
     println!(
-        "request lifecycle with 64 SSE events: {:.1} µs ({:.2} µs per event)",
-        with_events / 1000.0,
-        (with_events - no_events) / 64.0 / 1000.0
+        "request lifecycle with 64 SSE events in one body: {:.1} µs ({:.2} µs per event)",
+        one / 1000.0,
+        (one - no_events) / 64.0 / 1000.0
+    );
+    println!(
+        "request lifecycle with 64 SSE events, one callback each: {:.1} µs ({:.2} µs per event)",
+        each / 1000.0,
+        (each - no_events) / 64.0 / 1000.0
     );
 }

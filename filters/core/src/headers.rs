@@ -9,6 +9,17 @@
 
 /// A parsed header map that borrows nothing: it owns the host's buffer and
 /// keeps offsets into it.
+///
+/// ```
+/// use tokentap_core::headers::{serialize, HeaderMap};
+///
+/// let buf = serialize(&[(":path", b"/v1/chat/completions"), ("x-tenant-id", b"acme")]);
+/// let headers = HeaderMap::parse(buf).expect("well-formed");
+/// assert_eq!(headers.get("x-tenant-id"), Some(&b"acme"[..]));
+/// assert_eq!(headers.get("x-missing"), None);
+/// // A buffer cut short is refused, not half-read.
+/// assert!(HeaderMap::parse(vec![1, 0, 0, 0]).is_none());
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct HeaderMap {
     buf: Vec<u8>,
@@ -52,6 +63,13 @@ impl HeaderMap {
             .iter()
             .find(|(k, kl, _, _)| &self.buf[*k..*k + *kl] == name.as_bytes())
             .map(|(_, _, v, vl)| &self.buf[*v..*v + *vl])
+    }
+
+    /// Whether any header name starts with `prefix`.
+    pub fn has_key_prefix(&self, prefix: &[u8]) -> bool {
+        self.entries
+            .iter()
+            .any(|(k, kl, _, _)| self.buf[*k..*k + *kl].starts_with(prefix))
     }
 
     pub fn len(&self) -> usize {
@@ -111,11 +129,26 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever arbitrary bytes parse to fits in them: each pair costs
+        /// 8 bytes of lengths and 2 NULs after the 4-byte count.
         #[test]
-        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_bytes_parse_to_what_fits_in_them(data in prop::collection::vec(any::<u8>(), 0..256)) {
+            let len = data.len();
             if let Some(m) = HeaderMap::parse(data) {
-                let _ = m.get("x");
+                prop_assert!(len == 0 || 4 + 10 * m.len() <= len, "{} pairs in {} bytes", m.len(), len);
             }
+        }
+
+        /// A serialization cut short anywhere is refused, never half-read.
+        #[test]
+        fn truncated_buffers_are_refused(
+            pairs in prop::collection::vec(("[a-z:-]{1,12}", prop::collection::vec(any::<u8>(), 0..20)), 1..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let refs: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+            let mut buf = serialize(&refs);
+            buf.truncate(1 + cut.index(buf.len() - 1));
+            prop_assert!(HeaderMap::parse(buf).is_none());
         }
 
         #[test]

@@ -12,6 +12,45 @@ pub trait HttpView {
     fn response_header(&self, name: &str) -> Option<Vec<u8>>;
     /// An Envoy attribute, e.g. `["xds", "route_name"]`.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// `:path`, the one header every request is classified by: a host can
+    /// answer it more cheaply than the whole map, for requests the filter
+    /// then ignores.
+    fn request_path(&self) -> Option<Vec<u8>> {
+        self.request_header(":path")
+    }
+    /// Whether any response header starts with `prefix` (a host that can
+    /// list headers saves the lookups of a contract that is absent).
+    fn has_response_header_prefix(&self, _prefix: &str) -> bool {
+        true
+    }
+}
+
+/// What the request lifecycle asks of the host for one HTTP stream, beyond
+/// reading it: bodies, header and body rewrites, filter state, logs.
+pub trait StreamHost: HttpView {
+    /// Bytes `[start, start + len)` of the buffered request body.
+    fn request_body(&self, start: usize, len: usize) -> Option<Vec<u8>>;
+    /// Bytes `[start, start + len)` of the current response body chunk.
+    fn response_body(&self, start: usize, len: usize) -> Option<Vec<u8>>;
+    /// Replaces the first `len` bytes of the request body.
+    fn replace_request_body(&mut self, len: usize, body: &[u8]);
+    fn set_request_header(&mut self, name: &str, value: &str);
+    fn remove_request_header(&mut self, name: &str);
+    /// Writes filter state (Envoy stores it as `wasm.<key>`).
+    fn set_filter_state(&mut self, key: &str, value: &[u8]);
+}
+
+/// Log severity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Info,
+    Warn,
+    Critical,
+}
+
+/// The host's log.
+pub trait Log {
+    fn log(&self, level: LogLevel, message: &str);
 }
 
 /// Wall-clock time in nanoseconds since the Unix epoch.

@@ -114,12 +114,36 @@ impl fmt::Display for Dimension {
     }
 }
 
+fn safe_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/')
+}
+
+/// `raw` itself, when sanitising would not change it (the common case:
+/// route, model and team names), so it can be looked up without a copy.
+fn already_clean(raw: &[u8], max_len: usize) -> Option<&str> {
+    if raw.is_empty() || raw.len() > max_len || !raw.iter().all(|&b| safe_byte(b)) {
+        return None;
+    }
+    std::str::from_utf8(raw).ok()
+}
+
 /// Makes a raw header/body/property value safe for a stat name and a label.
 ///
 /// Keeps ASCII letters, digits and `-_.:/`; every other byte becomes `_`, so
 /// the tag-extraction separators (`=`, `;`) and whitespace can never appear.
 /// Returns `None` when nothing is left (absent input maps to [`UNKNOWN`]).
+///
+/// ```
+/// use tokentap_core::labels::sanitize;
+///
+/// assert_eq!(sanitize(b" acme corp;x=1 ", 64).as_deref(), Some("acme_corp_x_1"));
+/// assert_eq!(sanitize(b"team-a/eu.1", 6).as_deref(), Some("team-a"));
+/// assert_eq!(sanitize(b"   ", 64), None);
+/// ```
 pub fn sanitize(raw: &[u8], max_len: usize) -> Option<String> {
+    if let Some(clean) = already_clean(raw, max_len) {
+        return Some(clean.to_string());
+    }
     let trimmed = raw.trim_ascii();
     if trimmed.is_empty() {
         return None;
@@ -127,13 +151,7 @@ pub fn sanitize(raw: &[u8], max_len: usize) -> Option<String> {
     let out: String = trimmed
         .iter()
         .take(max_len)
-        .map(|&b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/') {
-                b as char
-            } else {
-                '_'
-            }
-        })
+        .map(|&b| if safe_byte(b) { b as char } else { '_' })
         .collect();
     Some(out)
 }
@@ -353,6 +371,16 @@ impl LabelTable {
         raw: Option<&[u8]>,
         admission: &mut dyn AdmissionControl,
     ) -> Resolved {
+        // Known values are found without sanitising into a new string.
+        if let Some(&id) = raw
+            .and_then(|r| already_clean(r, self.max_len))
+            .and_then(|clean| self.index.get(clean))
+        {
+            return Resolved {
+                id,
+                overflowed: false,
+            };
+        }
         let Some(clean) = raw.and_then(|r| sanitize(r, self.max_len)) else {
             return Resolved {
                 id: UNKNOWN_ID,

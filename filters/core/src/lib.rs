@@ -10,11 +10,16 @@ pub mod host;
 pub mod inject;
 pub mod json_scan;
 pub mod labels;
+pub mod lifecycle;
 pub mod metrics;
 pub mod openai;
 pub mod rag;
 pub mod request;
+pub mod scan_bytes;
 pub mod sse;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod trace;
 pub mod tracer;
+pub mod vocab;

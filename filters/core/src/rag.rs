@@ -94,28 +94,13 @@ fn pick(raw: &[u8], set: &[&'static str]) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::testing::FakeView;
 
-    struct Headers(HashMap<String, Vec<u8>>);
-    impl HttpView for Headers {
-        fn request_header(&self, _: &str) -> Option<Vec<u8>> {
-            None
-        }
-        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-            self.0.get(name).cloned()
-        }
-        fn property(&self, _: &[&str]) -> Option<Vec<u8>> {
-            None
-        }
-    }
-
-    fn view(pairs: &[(&str, &str)]) -> Headers {
-        Headers(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-        )
+    /// A response carrying `pairs` as headers.
+    fn view(pairs: &[(&str, &str)]) -> FakeView {
+        pairs
+            .iter()
+            .fold(FakeView::default(), |view, (k, v)| view.resp(k, v))
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! configuration.
 
 use crate::config::{Config, Operation, TenantSource};
-use crate::host::{millis_between, HttpView};
+use crate::host::{millis_between, Clock, HttpView};
 use crate::json_scan::ScanStatus;
 use crate::labels::sanitize;
 use crate::openai::{
@@ -17,49 +17,8 @@ use crate::openai::{
 };
 use crate::rag::RagSignals;
 
-/// The small fixed set of error types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorType {
-    /// The runtime answered 5xx.
-    Upstream5xx,
-    /// The runtime answered 4xx.
-    Upstream4xx,
-    /// The upstream connection broke after the response started (mid-stream).
-    UpstreamReset,
-    /// The client went away before the response finished.
-    ClientAbort,
-    /// A route, per-try, idle or duration timeout fired.
-    Timeout,
-    /// Envoy answered itself: no healthy upstream, connect failure, no route,
-    /// rate limit, overload, ...
-    GatewayReply,
-    /// The stream carried an `error` object mid-stream.
-    StreamError,
-}
-
-impl ErrorType {
-    pub const ALL: [ErrorType; 7] = [
-        ErrorType::Upstream5xx,
-        ErrorType::Upstream4xx,
-        ErrorType::UpstreamReset,
-        ErrorType::ClientAbort,
-        ErrorType::Timeout,
-        ErrorType::GatewayReply,
-        ErrorType::StreamError,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorType::Upstream5xx => "upstream_5xx",
-            ErrorType::Upstream4xx => "upstream_4xx",
-            ErrorType::UpstreamReset => "upstream_reset",
-            ErrorType::ClientAbort => "client_abort",
-            ErrorType::Timeout => "timeout",
-            ErrorType::GatewayReply => "gateway_reply",
-            ErrorType::StreamError => "stream_error",
-        }
-    }
-}
+pub use crate::vocab::{CacheHit, ErrorType, Unparsed};
+use crate::vocab::{InjectionResult, TokenSource};
 
 /// Where the token counts came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,24 +31,6 @@ pub enum UsageSource {
     None,
 }
 
-/// Why a response body was not read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unparsed {
-    /// `content-encoding` other than identity: passed through untouched.
-    Compressed,
-    /// A 2xx response that is neither JSON nor an event stream.
-    ContentType,
-}
-
-impl Unparsed {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Unparsed::Compressed => "compressed",
-            Unparsed::ContentType => "content_type",
-        }
-    }
-}
-
 /// Malformed input that was counted (and passed through unharmed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ParseProblems {
@@ -97,24 +38,6 @@ pub struct ParseProblems {
     pub response_json: bool,
     pub sse_events: u64,
     pub rag_headers: u32,
-}
-
-/// How a cache hit was recognised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheHit {
-    /// `cached_tokens > 0`: the runtime reused a prompt prefix.
-    PromptCache,
-    /// The configured response header said so (response/semantic cache).
-    ResponseCache,
-}
-
-impl CacheHit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheHit::PromptCache => "prompt",
-            CacheHit::ResponseCache => "response",
-        }
-    }
 }
 
 /// Outcome of the optional `include_usage` rewrite.
@@ -130,6 +53,19 @@ pub enum Injection {
     TooLarge,
     /// The body was not valid JSON; passed unmodified.
     Invalid,
+}
+
+impl Injection {
+    /// The `result` label of the rewrite's outcome (none when not attempted).
+    pub fn result(self) -> Option<InjectionResult> {
+        match self {
+            Injection::NotAttempted => None,
+            Injection::Injected => Some(InjectionResult::Injected),
+            Injection::NotNeeded => Some(InjectionResult::NotNeeded),
+            Injection::TooLarge => Some(InjectionResult::TooLarge),
+            Injection::Invalid => Some(InjectionResult::Invalid),
+        }
+    }
 }
 
 /// Everything recorded about one request; input to metrics and spans.
@@ -203,6 +139,15 @@ impl RequestRecord {
     pub fn ttft_ms(&self) -> Option<u64> {
         self.first_token_ns
             .map(|t| millis_between(self.start_ns, t))
+    }
+
+    /// The `source` label of the token counts, if any were counted.
+    pub fn token_source(&self) -> Option<TokenSource> {
+        match self.usage_source {
+            UsageSource::Reported => Some(TokenSource::Usage),
+            UsageSource::Estimated => Some(TokenSource::Estimated),
+            UsageSource::None => None,
+        }
     }
 
     /// Completion tokens: reported, else estimated from content events.
@@ -282,9 +227,10 @@ pub struct RequestObserver {
 
 impl RequestObserver {
     /// Starts observing if the request is LLM traffic.
-    pub fn start(config: &Config, view: &dyn HttpView, now_ns: u64) -> Option<Self> {
-        let path = view.request_header(":path")?;
+    pub fn start(config: &Config, view: &dyn HttpView, clock: &dyn Clock) -> Option<Self> {
+        let path = view.request_path()?;
         let (matched_path, operation) = config.match_path(&path)?;
+        let now_ns = clock.now_nanos();
         let url_path = {
             let end = path
                 .iter()
@@ -358,10 +304,6 @@ impl RequestObserver {
         })
     }
 
-    pub fn operation(&self) -> Operation {
-        self.operation
-    }
-
     /// The response status, once response headers were seen.
     pub fn status(&self) -> Option<u16> {
         self.status
@@ -374,7 +316,7 @@ impl RequestObserver {
         self.buffering
     }
 
-    /// Route name and tenant as seen at request headers (for the in-flight gauge).
+    /// The Envoy route name, read at request headers.
     pub fn route_name(&self) -> Option<&[u8]> {
         self.route_name.as_deref()
     }
@@ -481,7 +423,9 @@ impl RequestObserver {
                 self.cache_header_hit = values.is_empty() || values.contains(&v);
             }
         }
-        self.rag = RagSignals::from_response(view, &config.rag_header_prefix);
+        if view.has_response_header_prefix(&config.rag_header_prefix) {
+            self.rag = RagSignals::from_response(view, &config.rag_header_prefix);
+        }
     }
 
     /// Whether the shell needs to read response body chunks at all.
@@ -512,37 +456,22 @@ impl RequestObserver {
         self.response_bytes += len as u64;
     }
 
-    /// First-token time so far (for the shell's span event).
-    pub fn first_token_ns(&self) -> Option<u64> {
-        match &self.response {
-            ResponseReader::Stream(r) => r.facts().first_content_ns,
-            _ => None,
-        }
-    }
-
-    /// Everything known so far, as a record. Called when the response ends
-    /// (to publish filter state before Envoy's access loggers run, with
-    /// `final_attributes: false`: no host calls) and at the access-log
-    /// callback, when Envoy's final attributes (response code details and
-    /// flags, the upstream cluster) are read.
-    pub fn record(
-        &mut self,
-        config: &Config,
-        view: &dyn HttpView,
-        now_ns: u64,
-        final_attributes: bool,
-    ) -> RequestRecord {
+    /// The request as a record, built once when the request is done (the
+    /// response ended, or Envoy logs an aborted stream); the observer's values
+    /// move into it. Envoy's attributes are read only when needed: the
+    /// upstream cluster (the `backend` label) always, and the response's
+    /// details and flags only when something may have gone wrong, since a
+    /// response that ended with a success status cannot be a reset, timeout
+    /// or abort.
+    pub fn record(&mut self, config: &Config, view: &dyn HttpView, now_ns: u64) -> RequestRecord {
         if !self.request_done {
             self.finish_request_body();
         }
-        // A response that ended normally with a success status cannot be a
-        // reset, timeout or abort: Envoy's details and flags (two attribute
-        // evaluations) are only read when something may have gone wrong.
         let clean_end = self.response_ended && self.status.is_some_and(|s| s < 400);
-        if final_attributes && self.cluster_name.is_none() {
+        if self.cluster_name.is_none() {
             self.cluster_name = view.property(&["xds", "cluster_name"]);
         }
-        let (code_details, flags) = if final_attributes && !clean_end {
+        let (code_details, flags) = if !clean_end {
             if self.route_name.is_none() {
                 self.route_name = view.property(&["xds", "route_name"]);
             }
@@ -603,24 +532,14 @@ impl RequestObserver {
             } else {
                 UsageSource::None
             };
-            (
-                stream.usage,
-                source,
-                stream.model.clone(),
-                stream.finish_reason.clone(),
-            )
+            (stream.usage, source, stream.model, stream.finish_reason)
         } else {
             let source = if json.usage.is_empty() {
                 UsageSource::None
             } else {
                 UsageSource::Reported
             };
-            (
-                json.usage,
-                source,
-                json.model.clone(),
-                json.finish_reason.clone(),
-            )
+            (json.usage, source, json.model, json.finish_reason)
         };
 
         let cache_hit = if usage.cached_tokens.is_some_and(|c| c > 0) {
@@ -639,9 +558,9 @@ impl RequestObserver {
             streamed && cut_mid_event,
         );
 
-        let route_name = self.route_name.clone();
-        let cluster_name = self.cluster_name.clone();
-        let rag = self.rag.clone();
+        let route_name = self.route_name.take();
+        let cluster_name = self.cluster_name.take();
+        let rag = std::mem::take(&mut self.rag);
         let route_str = route_name
             .as_deref()
             .and_then(|r| std::str::from_utf8(r).ok());
@@ -649,12 +568,12 @@ impl RequestObserver {
             .as_deref()
             .and_then(|c| std::str::from_utf8(c).ok());
         let workload = config.workload_for(route_str, cluster_str);
-        let request_model_sent = self.request_facts.model.clone();
+        let request_model_sent = self.request_facts.model.take();
         let request_model = request_model_sent.clone().or(workload.model);
 
         RequestRecord {
             operation: self.operation,
-            method: self.method.clone(),
+            method: self.method.take(),
             start_ns: self.start_ns,
             end_ns: now_ns.max(self.start_ns),
             response_headers_ns: self.response_headers_ns,
@@ -669,12 +588,12 @@ impl RequestObserver {
                 .map(|c| config.backend_label(c).to_vec()),
             route_name,
             cluster_name,
-            tenant: self.tenant.clone(),
+            tenant: self.tenant.take(),
             request_model,
             request_model_sent,
-            matched_path: self.matched_path.clone(),
-            url_path: self.url_path.clone(),
-            server_address: self.server_address.clone(),
+            matched_path: std::mem::take(&mut self.matched_path),
+            url_path: self.url_path.take(),
+            server_address: self.server_address.take(),
             response_model,
             route_class: workload.route_class,
             team: workload.team,
@@ -694,25 +613,13 @@ impl RequestObserver {
             rag_collection: self
                 .request_facts
                 .rag_collection
-                .clone()
-                .or_else(|| self.header_rag_collection.clone())
+                .take()
+                .or_else(|| self.header_rag_collection.take())
                 .or_else(|| rag.collection.clone()),
             rag_top_k: self.request_facts.rag_top_k.or(self.header_rag_top_k),
             rag,
             code_details,
         }
-    }
-}
-
-impl RequestObserver {
-    /// [`RequestObserver::record`] with Envoy's final attributes.
-    pub fn record_final(
-        &mut self,
-        config: &Config,
-        view: &dyn HttpView,
-        now_ns: u64,
-    ) -> RequestRecord {
-        self.record(config, view, now_ns, true)
     }
 }
 
@@ -798,46 +705,9 @@ pub fn classify_error(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    /// A scripted request/response.
-    #[derive(Default)]
-    pub(crate) struct FakeView {
-        pub req: HashMap<String, Vec<u8>>,
-        pub resp: HashMap<String, Vec<u8>>,
-        pub props: HashMap<String, Vec<u8>>,
-    }
-
-    impl FakeView {
-        pub fn req(mut self, k: &str, v: &str) -> Self {
-            self.req.insert(k.into(), v.as_bytes().to_vec());
-            self
-        }
-        pub fn resp(mut self, k: &str, v: &str) -> Self {
-            self.resp.insert(k.into(), v.as_bytes().to_vec());
-            self
-        }
-        pub fn prop(mut self, k: &str, v: &[u8]) -> Self {
-            self.props.insert(k.into(), v.to_vec());
-            self
-        }
-    }
-
-    impl HttpView for FakeView {
-        fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-            self.req.get(name).cloned()
-        }
-        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-            self.resp.get(name).cloned()
-        }
-        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-            self.props.get(&path.join(".")).cloned()
-        }
-    }
-
-    const MS: u64 = 1_000_000;
+    use crate::testing::{FakeView, MS};
 
     fn config() -> Config {
         Config::parse(
@@ -866,7 +736,7 @@ pub(crate) mod tests {
             .prop("response.code_details", b"via_upstream")
             .prop("response.flags", &0u64.to_le_bytes());
         let t0 = 1_000 * MS;
-        let mut obs = RequestObserver::start(&cfg, &view, t0).unwrap();
+        let mut obs = RequestObserver::start(&cfg, &view, &t0).unwrap();
         obs.request_body(br#"{"model":"mistral-7b","stream":true}"#, true);
         obs.response_headers(&cfg, &view, t0 + 5 * MS);
         obs.response_body(
@@ -880,7 +750,7 @@ pub(crate) mod tests {
             );
         }
         obs.response_body(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\ndata: [DONE]\n\n", t0 + 141 * MS);
-        let rec = obs.record_final(&cfg, &view, t0 + 142 * MS);
+        let rec = obs.record(&cfg, &view, t0 + 142 * MS);
         assert_eq!(rec.ttfb_ms(), Some(5));
         assert_eq!(rec.ttft_ms(), Some(100));
         assert_eq!(rec.tpot_ms(), Some(10));
@@ -903,13 +773,13 @@ pub(crate) mod tests {
         let view = request_view()
             .resp(":status", "200")
             .resp("content-type", "text/event-stream; charset=utf-8");
-        let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
+        let mut obs = RequestObserver::start(&cfg, &view, &0u64).unwrap();
         obs.response_headers(&cfg, &view, MS);
         obs.response_body(
             b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[{\"text\":\"b\"}]}\n\ndata: [DONE]\n\n",
             2 * MS,
         );
-        let rec = obs.record_final(&cfg, &view, 3 * MS);
+        let rec = obs.record(&cfg, &view, 3 * MS);
         assert_eq!(rec.usage_source, UsageSource::Estimated);
         assert_eq!(rec.completion_tokens(), Some(2));
         assert_eq!(rec.usage.prompt_tokens, None);
@@ -919,7 +789,7 @@ pub(crate) mod tests {
     fn non_llm_paths_are_ignored() {
         let cfg = config();
         let view = FakeView::default().req(":path", "/healthz");
-        assert!(RequestObserver::start(&cfg, &view, 0).is_none());
+        assert!(RequestObserver::start(&cfg, &view, &0u64).is_none());
     }
 
     #[test]
@@ -929,12 +799,12 @@ pub(crate) mod tests {
             .resp(":status", "200")
             .resp("content-type", "application/json")
             .resp("content-encoding", "gzip");
-        let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
+        let mut obs = RequestObserver::start(&cfg, &view, &0u64).unwrap();
         obs.request_body(b"{\"model\": nope", true);
         obs.response_headers(&cfg, &view, MS);
         assert!(!obs.reads_response_body());
         obs.response_body_skipped(100);
-        let rec = obs.record_final(&cfg, &view, 2 * MS);
+        let rec = obs.record(&cfg, &view, 2 * MS);
         assert_eq!(rec.unparsed, Some(Unparsed::Compressed));
         assert!(rec.problems.request_json);
         assert_eq!(rec.response_bytes, 100);

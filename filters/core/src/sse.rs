@@ -62,6 +62,39 @@ enum Field {
 }
 
 /// Incremental SSE framer. One per response stream.
+///
+/// ```
+/// use tokentap_core::sse::{DataSink, EventMeta, SseFramer};
+///
+/// /// Collects each event's data and whether it was `[DONE]`.
+/// #[derive(Default)]
+/// struct Events {
+///     current: Vec<u8>,
+///     done: Vec<(String, bool)>,
+/// }
+///
+/// impl DataSink for Events {
+///     fn data(&mut self, bytes: &[u8]) {
+///         self.current.extend_from_slice(bytes);
+///     }
+///     fn dispatch(&mut self, event: &EventMeta) {
+///         let data = String::from_utf8_lossy(&self.current).into_owned();
+///         self.done.push((data, event.is_done));
+///         self.current.clear();
+///     }
+/// }
+///
+/// let mut framer = SseFramer::new();
+/// let mut events = Events::default();
+/// // Chunks end anywhere; CRLF and LF line ends mix; comments carry no event.
+/// framer.feed(b"data: {\"a\":1}\r\n\r\n: keep-alive\n\nda", &mut events);
+/// framer.feed(b"ta: [DONE]\n\n", &mut events);
+/// assert_eq!(
+///     events.done,
+///     [(r#"{"a":1}"#.to_string(), false), ("[DONE]".to_string(), true)]
+/// );
+/// assert_eq!(framer.events(), 2);
+/// ```
 #[derive(Clone, Debug)]
 pub struct SseFramer {
     line: LineState,
@@ -165,10 +198,7 @@ impl SseFramer {
             // Fast path for long data values: hand the whole run to the sink.
             if self.line == LineState::Value && self.field == Field::Data {
                 let rest = &chunk[i..];
-                let run = rest
-                    .iter()
-                    .position(|&c| c == b'\n' || c == b'\r')
-                    .unwrap_or(rest.len());
+                let run = crate::scan_bytes::find_either(rest, b'\n', b'\r').unwrap_or(rest.len());
                 if run > 0 {
                     self.data_bytes(&rest[..run], sink);
                     i += run;
@@ -335,6 +365,7 @@ impl SseFramer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::split_at_cuts;
     use proptest::prelude::*;
 
     /// Collects whole events (test only: the filter never does this).
@@ -459,20 +490,14 @@ mod tests {
         #[test]
         fn rechunking_yields_the_same_events(text in stream_text(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10)) {
             let whole = run(&[&text]);
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(text.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points { chunks.push(&text[last..p]); last = p; }
-            chunks.push(&text[last..]);
-            let split = run(&chunks);
+            let split = run(&split_at_cuts(&text, &cuts));
             prop_assert_eq!(whole, split);
         }
 
+        /// Arbitrary bytes frame into the same events however they are cut.
         #[test]
-        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..1024), cut in any::<prop::sample::Index>()) {
-            let p = cut.index(data.len() + 1);
-            let _ = run(&[&data[..p], &data[p..]]);
+        fn arbitrary_bytes_frame_the_same_in_any_chunking(data in prop::collection::vec(any::<u8>(), 0..1024), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4)) {
+            prop_assert_eq!(run(&split_at_cuts(&data, &cuts)), run(&[&data]));
         }
     }
 }

@@ -4,97 +4,177 @@
 //! (one key per value, `filter_state: "fields"`).
 //!
 //! Values are bounded label values and numbers, never prompt or completion
-//! text. The shell writes them when the response ends, because Envoy runs the
+//! text. Each value carries its JSON type, so a tenant called `42` stays a
+//! string. They are written when the response ends, because Envoy runs the
 //! connection manager's access loggers before the filter's own log callback.
+
+use std::fmt::Write as _;
 
 use crate::labels::Dimension;
 use crate::metrics::{Labeler, RequestLabels};
 use crate::request::{RequestRecord, UsageSource};
+use crate::trace::SpanStart;
 
 /// Key of the summary object and prefix of the per-value keys; Envoy stores
 /// them as `wasm.<key>`.
 pub const KEY: &str = "tokentap";
 
-/// The values as one JSON object (for [`crate::config::FilterStateMode::Summary`]).
-/// Numbers are JSON numbers; keys are the names without the `tokentap.` prefix.
-pub fn summary_json(values: &[(&'static str, String)]) -> String {
-    let mut map = serde_json::Map::new();
-    for (key, value) in values {
-        let name = key.strip_prefix("tokentap.").unwrap_or(key);
-        let v = match value.parse::<u64>() {
-            Ok(n) if !name.ends_with("_id") => serde_json::Value::from(n),
-            _ => match value.as_str() {
-                "true" => serde_json::Value::Bool(true),
-                "false" => serde_json::Value::Bool(false),
-                _ => serde_json::Value::String(value.clone()),
-            },
-        };
-        map.insert(name.to_string(), v);
-    }
-    serde_json::Value::Object(map).to_string()
+/// A filter-state value with its JSON type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    Text(String),
+    Number(u64),
+    Bool(bool),
 }
 
-/// The (key, value) pairs for a request; absent values are left out.
+impl Value {
+    /// The value as plain text (the per-key form).
+    pub fn plain(&self) -> String {
+        match self {
+            Value::Text(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+/// The filter-state values of one request, by name (without the prefix).
+pub type Values = Vec<(&'static str, Value)>;
+
+/// The full key of a value in the per-key form, e.g. `tokentap.ttft_ms`.
+pub fn field_key(name: &str) -> String {
+    format!("{KEY}.{name}")
+}
+
+/// The values as one JSON object.
+///
+/// ```
+/// use tokentap_core::state::{summary_json, Value};
+/// let json = summary_json(&[("tenant", Value::Text("42".into())), ("ttft_ms", Value::Number(7))]);
+/// assert_eq!(json, r#"{"tenant":"42","ttft_ms":7}"#);
+/// ```
+pub fn summary_json(values: &[(&'static str, Value)]) -> String {
+    let mut out = String::with_capacity(64 + values.len() * 24);
+    out.push('{');
+    for (i, (name, value)) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_string(&mut out, name);
+        out.push(':');
+        match value {
+            Value::Text(s) => push_json_string(&mut out, s),
+            Value::Number(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// A JSON string literal. Label values are sanitised to `[A-Za-z0-9-_.:/]`,
+/// but escaping does not rely on it.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// The values of a request; absent values are left out.
 pub fn filter_state(
     rec: &RequestRecord,
     labels: &RequestLabels,
     labeler: &Labeler,
-) -> Vec<(&'static str, String)> {
-    let mut out: Vec<(&'static str, String)> = vec![
-        (
-            "tokentap.model",
-            labeler.text(Dimension::Model, labels.model).to_string(),
-        ),
-        (
-            "tokentap.tenant",
-            labeler.text(Dimension::Tenant, labels.tenant).to_string(),
-        ),
-        (
-            "tokentap.route_class",
-            labeler
-                .text(Dimension::RouteClass, labels.route_class)
-                .to_string(),
-        ),
-        (
-            "tokentap.team",
-            labeler.text(Dimension::Team, labels.team).to_string(),
-        ),
-        ("tokentap.operation", rec.operation.as_str().to_string()),
-        ("tokentap.streamed", rec.streamed.to_string()),
-        ("tokentap.cache_hit", rec.cache_hit.is_some().to_string()),
+    span: Option<&SpanStart>,
+) -> Values {
+    let label = |d: Dimension| Value::Text(labeler.text(d, labels.get(d)).to_string());
+    let mut out: Values = vec![
+        ("model", label(Dimension::Model)),
+        ("tenant", label(Dimension::Tenant)),
+        ("route_class", label(Dimension::RouteClass)),
+        ("team", label(Dimension::Team)),
+        ("operation", Value::Text(rec.operation.as_str().to_string())),
+        ("streamed", Value::Bool(rec.streamed)),
+        ("cache_hit", Value::Bool(rec.cache_hit.is_some())),
     ];
-    let mut num = |k: &'static str, v: Option<u64>| {
-        if let Some(v) = v {
-            out.push((k, v.to_string()));
+    let numbers = [
+        ("ttfb_ms", rec.ttfb_ms()),
+        ("ttft_ms", rec.ttft_ms()),
+        ("tpot_ms", rec.tpot_ms()),
+        ("output_tokens_per_second", rec.output_tokens_per_second()),
+        ("prompt_tokens", rec.usage.prompt_tokens),
+        ("completion_tokens", rec.completion_tokens()),
+        ("cached_tokens", rec.usage.cached_tokens),
+        ("rag_top_k", rec.rag_top_k),
+    ];
+    out.extend(
+        numbers
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, Value::Number(v?)))),
+    );
+    let source = match rec.token_source() {
+        Some(s) => s.as_str(),
+        None => {
+            debug_assert_eq!(rec.usage_source, UsageSource::None);
+            "none"
         }
     };
-    num("tokentap.ttfb_ms", rec.ttfb_ms());
-    num("tokentap.ttft_ms", rec.ttft_ms());
-    num("tokentap.tpot_ms", rec.tpot_ms());
-    num(
-        "tokentap.output_tokens_per_second",
-        rec.output_tokens_per_second(),
-    );
-    num("tokentap.prompt_tokens", rec.usage.prompt_tokens);
-    num("tokentap.completion_tokens", rec.completion_tokens());
-    num("tokentap.cached_tokens", rec.usage.cached_tokens);
-    num("tokentap.rag_top_k", rec.rag_top_k);
-    let source = match rec.usage_source {
-        UsageSource::Reported => "usage",
-        UsageSource::Estimated => "estimated",
-        UsageSource::None => "none",
-    };
-    out.push(("tokentap.usage_source", source.to_string()));
+    out.push(("usage_source", Value::Text(source.to_string())));
     if let Some(e) = rec.error {
-        out.push(("tokentap.error_type", e.as_str().to_string()));
+        out.push(("error_type", Value::Text(e.as_str().to_string())));
     }
     if rec.rag_collection.is_some() {
-        out.push((
-            "tokentap.rag_collection",
-            labeler
-                .text(Dimension::Collection, labels.collection)
-                .to_string(),
-        ));
+        out.push(("rag_collection", label(Dimension::Collection)));
+    }
+    if let Some(span) = span {
+        out.push(("trace_id", Value::Text(span.context.trace_id.to_string())));
+        out.push(("span_id", Value::Text(span.context.span_id.to_string())));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_keep_their_json_type() {
+        let json = summary_json(&[
+            ("tenant", Value::Text("42".into())),
+            ("model", Value::Text("true".into())),
+            ("streamed", Value::Bool(true)),
+            ("ttft_ms", Value::Number(150)),
+        ]);
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(parsed["tenant"], serde_json::json!("42"));
+        assert_eq!(parsed["model"], serde_json::json!("true"));
+        assert_eq!(parsed["streamed"], serde_json::json!(true));
+        assert_eq!(parsed["ttft_ms"], serde_json::json!(150));
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let json = summary_json(&[("k", Value::Text("a\"b\\c\u{1}".into()))]);
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(parsed["k"], serde_json::json!("a\"b\\c\u{1}"));
+    }
+
+    #[test]
+    fn plain_form_is_the_text() {
+        assert_eq!(Value::Number(3).plain(), "3");
+        assert_eq!(Value::Bool(false).plain(), "false");
+        assert_eq!(Value::Text("x".into()).plain(), "x");
+        assert_eq!(field_key("ttft_ms"), "tokentap.ttft_ms");
+    }
 }

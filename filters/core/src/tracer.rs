@@ -310,11 +310,9 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::labels::LocalAdmission;
-    use crate::request::tests::FakeView;
     use crate::request::RequestObserver;
+    use crate::testing::{FakeView, MS};
     use crate::trace::{AttrValue, ResourceBuilder};
-
-    const MS: u64 = 1_000_000;
 
     fn config() -> Config {
         Config::parse(
@@ -367,7 +365,7 @@ mod tests {
             Some("b7ad6b7169203331")
         );
 
-        let mut obs = RequestObserver::start(&cfg, &view, 1000 * MS).unwrap();
+        let mut obs = RequestObserver::start(&cfg, &view, &(1000 * MS)).unwrap();
         obs.request_body(br#"{"model":"mistral-7b","stream":true}"#, true);
         obs.response_headers(&cfg, &view, 1001 * MS);
         obs.response_body(
@@ -375,9 +373,9 @@ mod tests {
             1100 * MS,
         );
         obs.response_body(b"data: {\"choices\":[{\"delta\":{\"content\":\"b\"},\"finish_reason\":\"length\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\ndata: [DONE]\n\n", 1110 * MS);
-        let rec = obs.record_final(&cfg, &view, 1111 * MS);
+        let rec = obs.record(&cfg, &view, 1111 * MS);
         let mut labeler = Labeler::new(&cfg, Box::new(LocalAdmission::default()));
-        let labels = labeler.request_labels(&rec, &mut Vec::new());
+        let (labels, _) = labeler.labels_of(&rec);
         let span = build_span(&start, &rec, &labels, &labeler, "vllm");
 
         assert_eq!(span.name, "chat mistral-7b");
@@ -441,11 +439,11 @@ mod tests {
         .unwrap();
         let start = tracer.start(&view);
         assert!(!start.sampled, "an unsampled parent is honoured");
-        let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
+        let mut obs = RequestObserver::start(&cfg, &view, &0u64).unwrap();
         obs.response_headers(&cfg, &view, MS);
-        let rec = obs.record_final(&cfg, &view, 2 * MS);
+        let rec = obs.record(&cfg, &view, 2 * MS);
         let mut labeler = Labeler::new(&cfg, Box::new(LocalAdmission::default()));
-        let labels = labeler.request_labels(&rec, &mut Vec::new());
+        let (labels, _) = labeler.labels_of(&rec);
         assert_eq!(tracer.finish(&start, &rec, &labels, &labeler), None);
         assert_eq!(tracer.stats().spans_queued, 0);
 
@@ -472,9 +470,9 @@ mod tests {
         let mut labeler = Labeler::new(&cfg, Box::new(LocalAdmission::default()));
         for _ in 0..3 {
             let start = tracer.start(&view);
-            let mut obs = RequestObserver::start(&cfg, &view, 0).unwrap();
-            let rec = obs.record_final(&cfg, &view, MS);
-            let labels = labeler.request_labels(&rec, &mut Vec::new());
+            let mut obs = RequestObserver::start(&cfg, &view, &0u64).unwrap();
+            let rec = obs.record(&cfg, &view, MS);
+            let (labels, _) = labeler.labels_of(&rec);
             assert_eq!(
                 tracer.finish(&start, &rec, &labels, &labeler),
                 Some(PushOutcome::Queued)

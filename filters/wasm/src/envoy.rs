@@ -16,8 +16,12 @@ use std::ptr::null_mut;
 use std::cell::OnceCell;
 
 use tokentap_core::headers::HeaderMap;
-use tokentap_core::host::{Clock, HostError, HttpView, MetricKind, MetricsHost};
+use tokentap_core::host::{
+    Clock, HostError, HttpView, Log, LogLevel, MetricKind, MetricsHost, StreamHost,
+};
 use tokentap_core::labels::{SharedStore, StoreError};
+use tokentap_core::lifecycle::ExportSender;
+use tokentap_core::tracer::ExportTarget;
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
@@ -203,16 +207,6 @@ fn header_map(map: u32) -> Option<HeaderMap> {
     HeaderMap::parse(take(data, size).unwrap_or_default())
 }
 
-#[allow(dead_code)]
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    header(MAP_REQUEST_HEADERS, name)
-}
-
-#[allow(dead_code)]
-pub fn response_header(name: &str) -> Option<Vec<u8>> {
-    header(MAP_RESPONSE_HEADERS, name)
-}
-
 pub fn http_call_response_header(name: &str) -> Option<Vec<u8>> {
     header(MAP_HTTP_CALL_RESPONSE_HEADERS, name)
 }
@@ -274,32 +268,110 @@ pub fn set_property(path: &[&str], value: &[u8]) -> bool {
     }
 }
 
-/// [`HttpView`] over the current stream. Each header map is fetched once,
-/// in one host call, the first time a header of it is asked for; create a
-/// new view per callback, since headers change between callbacks.
+/// The current HTTP stream. Each header map is fetched once, in one host
+/// call, the first time a header of it is asked for (`:path` alone is read
+/// by value, so ignored requests never fetch the map); create a new one per
+/// callback, since headers change between callbacks.
 #[derive(Debug, Default)]
-pub struct EnvoyView {
+pub struct EnvoyStream {
     request: OnceCell<Option<HeaderMap>>,
     response: OnceCell<Option<HeaderMap>>,
 }
 
-impl HttpView for EnvoyView {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+impl EnvoyStream {
+    fn request_map(&self) -> Option<&HeaderMap> {
         self.request
             .get_or_init(|| header_map(MAP_REQUEST_HEADERS))
-            .as_ref()?
-            .get(name)
-            .map(<[u8]>::to_vec)
+            .as_ref()
     }
-    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+
+    fn response_map(&self) -> Option<&HeaderMap> {
         self.response
             .get_or_init(|| header_map(MAP_RESPONSE_HEADERS))
-            .as_ref()?
-            .get(name)
-            .map(<[u8]>::to_vec)
+            .as_ref()
+    }
+}
+
+impl HttpView for EnvoyStream {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.request_map()?.get(name).map(<[u8]>::to_vec)
+    }
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.response_map()?.get(name).map(<[u8]>::to_vec)
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         get_property(path)
+    }
+    fn request_path(&self) -> Option<Vec<u8>> {
+        match self.request.get() {
+            Some(map) => map.as_ref()?.get(":path").map(<[u8]>::to_vec),
+            None => header(MAP_REQUEST_HEADERS, ":path"),
+        }
+    }
+    fn has_response_header_prefix(&self, prefix: &str) -> bool {
+        self.response_map()
+            .is_some_and(|m| m.has_key_prefix(prefix.as_bytes()))
+    }
+}
+
+impl StreamHost for EnvoyStream {
+    fn request_body(&self, start: usize, len: usize) -> Option<Vec<u8>> {
+        get_buffer(Buffer::RequestBody, start, len)
+    }
+    fn response_body(&self, start: usize, len: usize) -> Option<Vec<u8>> {
+        get_buffer(Buffer::ResponseBody, start, len)
+    }
+    fn replace_request_body(&mut self, len: usize, body: &[u8]) {
+        set_buffer(Buffer::RequestBody, 0, len, body);
+    }
+    fn set_request_header(&mut self, name: &str, value: &str) {
+        set_request_header(name, value);
+    }
+    fn remove_request_header(&mut self, name: &str) {
+        remove_request_header(name);
+    }
+    fn set_filter_state(&mut self, key: &str, value: &[u8]) {
+        set_property(&[key], value);
+    }
+}
+
+/// [`Log`] over Envoy's log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EnvoyLog;
+
+impl Log for EnvoyLog {
+    fn log(&self, level: LogLevel, message: &str) {
+        let level = match level {
+            LogLevel::Info => Level::Info,
+            LogLevel::Warn => Level::Warn,
+            LogLevel::Critical => Level::Critical,
+        };
+        log(level, message);
+    }
+}
+
+/// [`ExportSender`] over `proxy_http_call`, through the SDK, which must
+/// register the call to route its answer back to the root context.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EnvoyExports;
+
+impl ExportSender for EnvoyExports {
+    fn send(&mut self, target: &ExportTarget, body: &[u8]) -> Option<u32> {
+        let headers = vec![
+            (":method", "POST"),
+            (":path", target.path.as_str()),
+            (":authority", target.authority.as_str()),
+            ("content-type", "application/x-protobuf"),
+        ];
+        let timeout = std::time::Duration::from_millis(u64::from(target.timeout_ms));
+        proxy_wasm::hostcalls::dispatch_http_call(
+            &target.cluster,
+            headers,
+            Some(body),
+            vec![],
+            timeout,
+        )
+        .ok()
     }
 }
 

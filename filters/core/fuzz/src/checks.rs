@@ -87,7 +87,7 @@ pub const TARGETS: &[Target] = &[
 /// check lets pass. Each is described in `docs/design.md` and
 /// `docs/fuzzing.md` and pinned by a test in `tests/fuzz_corpus.rs`.
 pub mod known_issues {
-    /// By design, the SSE fast path (`openai::quick_classify`) checks an
+    /// By design, the SSE fast path (`openai/quick.rs`, `quick_classify`) checks an
     /// event's shape and bracket/string balance, not every JSON token: a
     /// balanced but invalid chunk (`{"choices":[{"delta":{"content":"x"}}],"a":tru}`)
     /// counts as a content event, where the full parse counts it malformed.
