@@ -27,6 +27,7 @@ machine with it, so figures carry the machine's noise.
 
 Usage: python3 bench/gpu_exporter_churn.py [--no-build] [--pods 100,500,1000]
        [--rate 50] [--window 20] [--scrapes 200] [--soak 600] [--json out.json]
+       [--quick]
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--soak", type=float, default=0.0, help="seconds of the long churn run (0: none)")
     p.add_argument("--soak-pods", type=int, default=500)
     p.add_argument("--json", type=Path, help="also write the results here")
-    return p.parse_args()
+    p.add_argument("--quick", action="store_true", help="smoke run: 100 and 1,000 pods, 5 s windows, no soak")
+    args = p.parse_args()
+    if args.quick:
+        args.pods, args.window, args.scrapes, args.soak = "100,1000", 5.0, 50, 0.0
+    return args
 
 
 def build() -> None:
