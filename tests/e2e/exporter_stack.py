@@ -96,6 +96,9 @@ def write_json_atomically(path: Path, value: object) -> None:
 class FakeKubeApi:
     proc: Proc
     url: str
+    # How it was started, so that `restart` can start it again.
+    log_dir: Path | None = None
+    options: dict = field(default_factory=dict)
 
     def _admin(self, method: str, path: str, body: object | None = None) -> dict:
         if self.url.startswith("https://"):
@@ -133,8 +136,34 @@ class FakeKubeApi:
         """Answer the next `count` API requests with HTTP 500."""
         self._admin("POST", f"/admin/fail?count={count}")
 
+    def gone(self, count: int) -> None:
+        """Answer the next `count` WATCH requests with HTTP 410 on the request itself."""
+        self._admin("POST", f"/admin/gone?count={count}")
+
+    def hang(self) -> None:
+        """Play a hung server: watches fall silent, API requests get no answer."""
+        self._admin("POST", "/admin/hang")
+
+    def resume(self) -> None:
+        """End a hang; requests held meanwhile are closed unanswered."""
+        self._admin("POST", "/admin/resume")
+
     def stats(self) -> dict:
+        """{"lists", "watches", "unauthorized", "resourceVersion"}."""
         return self._admin("GET", "/admin/stats")
+
+    def restart(self) -> None:
+        """Stop and start again on the same address with the current pods,
+        continuing the resourceVersion sequence (an API server restarting
+        over the same etcd)."""
+        pods = self._admin("GET", "/admin/pods")["pods"]
+        version = int(self.stats()["resourceVersion"])
+        self.proc.stop()
+        listen = self.url.split("://", 1)[1]
+        # A fresh log name: the old log already holds a READY line.
+        options = {**self.options, "name": f"{self.options['name']}-restarted"}
+        again = start_fake_kube_api(self.log_dir, pods, listen=listen, resource_version=version, **options)
+        self.proc, self.url = again.proc, again.url
 
     def stop(self) -> None:
         self.proc.stop()
@@ -147,16 +176,21 @@ def start_fake_kube_api(
     token: str | None = None,
     tls: tuple[Path, Path] | None = None,
     name: str = "fake-kube-api",
+    listen: str = "127.0.0.1:0",
+    resource_version: int | None = None,
 ) -> FakeKubeApi:
     scenario = log_dir / f"{name}-scenario.json"
     write_json_atomically(scenario, {"pods": list(pods)})
-    cmd = [bin_path("tokentap-fakes"), "kube-api", "--listen", "127.0.0.1:0", "--scenario", scenario, "--node", node]
+    cmd = [bin_path("tokentap-fakes"), "kube-api", "--listen", listen, "--scenario", scenario, "--node", node]
+    if resource_version is not None:
+        cmd += ["--resource-version", str(resource_version)]
     if token:
         cmd += ["--token", token]
     if tls:
         cmd += ["--tls-cert", tls[0], "--tls-key", tls[1]]
     proc = Proc(name, cmd, log_dir / f"{name}.log").start()
-    return FakeKubeApi(proc, _ready_address(proc, f"{name} ready line"))
+    options = {"node": node, "token": token, "tls": tls, "name": name}
+    return FakeKubeApi(proc, _ready_address(proc, f"{name} ready line"), log_dir, options)
 
 
 def update_pods(api: FakeKubeApi, pods: Sequence[dict]) -> None:
@@ -301,6 +335,7 @@ def start_exporter(
     name: str = "gpu-exporter",
     wait_first_pass: bool = True,
     runtime: bool = False,
+    runtime_interval: str = "300ms",
 ) -> Exporter:
     """Run `gpu-exporter` against the fakes; waits for /healthz and a pass.
 
@@ -321,7 +356,7 @@ def start_exporter(
         "--kube-ca-file", str(kube_ca_file) if kube_ca_file else "",
         "--host-proc", str(host_proc) if host_proc is not None else "",
         "--nvml-retry-interval", "1s",
-        "--runtime-scrape-interval", "300ms",
+        "--runtime-scrape-interval", runtime_interval,
         *([] if runtime else ["--runtime-disable"]),
         *args,
     ]

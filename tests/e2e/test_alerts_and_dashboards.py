@@ -141,12 +141,13 @@ GPU_LABELS = {"gpu", "gpu_uuid", "namespace", "pod", "container", "model", "rout
 
 
 def gpu_catalogue() -> dict[str, set[str]]:
-    """Per-GPU families of gpu-exporter (gpu-exporter/exporter/src/metrics.rs:
-    gpu_labels + push_owner; `node` is the PodMonitor's target label), and
-    its own health families with the labels docs/gpu-exporter.md lists."""
-    text = (REPO / "gpu-exporter" / "exporter" / "src" / "metrics.rs").read_text()
+    """Per-GPU families of gpu-exporter (the table in
+    gpu-exporter/exporter/src/metrics/families.rs: gpu_labels + push_owner;
+    `node` is the PodMonitor's target label), and its own health families
+    with the labels docs/gpu-exporter.md lists."""
+    text = (REPO / "gpu-exporter" / "exporter" / "src" / "metrics" / "families.rs").read_text()
     out = {}
-    for kind, name in re.findall(r"\b(gauge|counter)\(\s*enc,\s*\"(llm_gpu_[a-z0-9_]+)\"", text):
+    for kind, name in re.findall(r"\b(gauge|counter)\(\s*\"(llm_gpu_[a-z0-9_]+)\"", text):
         out[name + ("_total" if kind == "counter" else "")] = GPU_LABELS
     # Families with one label beyond the GPU's ("G + `xid`" in the docs table).
     for row in (DOCS / "gpu-exporter.md").read_text().splitlines():

@@ -17,7 +17,7 @@ use crate::cgroup::{ProcCgroupResolver, ProcessResolver};
 use crate::config::Cli;
 use crate::gpu::nvml::{NvmlConfig, NvmlSource};
 use crate::gpu::{GpuReading, GpuSource};
-use crate::kube::{KubeClient, KubeConfig, PodStore};
+use crate::kube::{KubeClient, KubeConfig, PodChange, PodStore};
 use crate::metrics::{ExpositionOptions, GpuCollector, SnapshotCell};
 use crate::podresources::{AllocationSource, PodResourcesClient, ResourceFilter};
 use crate::server::{serve, AppState};
@@ -119,6 +119,91 @@ async fn collection_loop<A: AllocationSource>(
     }
 }
 
+/// Hands the pod watch's changes to the runtime collector one pod at a
+/// time; a re-list (or a backlog past the feed's bound) re-reads every pod.
+async fn feed_runtime_targets(
+    store: Arc<PodStore>,
+    runtime: Arc<RuntimeCollector>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut changes = store.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = &mut shutdown => return,
+        }
+        let taken = store.take_changes();
+        if taken.resync {
+            runtime.update_pods(&store.snapshot().pod_infos());
+            continue;
+        }
+        for change in taken.changes {
+            match change {
+                PodChange::Upserted(pod) => runtime.update_pod(&pod.info),
+                PodChange::Removed(pod) => runtime.remove_pod(&pod.info),
+            }
+        }
+    }
+}
+
+/// Starts the node's pod watch when an API server and a node name are
+/// configured; without them GPU series keep kubelet pod names only.
+fn start_pod_watch(
+    cli: &Cli,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Option<Arc<PodStore>> {
+    let node = &cli.node_name;
+    let Some(url) = cli.kube.resolved_url() else {
+        tracing::info!("no Kubernetes API configured: GPU series get pod names from the kubelet but workload labels stay unknown");
+        return None;
+    };
+    if node.is_empty() {
+        tracing::error!("--node-name (NODE_NAME) is required for the pod watch; running without workload labels");
+        return None;
+    }
+    let config = KubeConfig {
+        url: url.clone(),
+        token_file: cli.kube.token_path().filter(|p| p.exists()),
+        ca_file: cli.kube.ca_path(),
+        node_name: node.clone(),
+        timeout: cli.kube.timeout,
+        watch_timeout: cli.kube.watch_timeout,
+        progress_timeout: cli.kube.progress_timeout,
+    };
+    let client = match KubeClient::new(config) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, %url, "cannot set up the Kubernetes API client; running without workload labels");
+            return None;
+        }
+    };
+    // The change feed only has a reader when runtime collection is on.
+    let store = Arc::new(if cli.runtime.runtime_disable {
+        PodStore::default()
+    } else {
+        PodStore::with_change_feed()
+    });
+    tracing::info!(%url, node = %node, "watching pods of this node");
+    tokio::spawn(client.run(store.clone(), shutdown));
+    Some(store)
+}
+
+/// The kubelet PodResources client, when a socket is configured.
+fn podresources_client(cli: &Cli) -> Option<PodResourcesClient> {
+    let socket = cli.kubelet.socket_path()?;
+    match PodResourcesClient::new(socket.clone(), cli.kubelet.call_timeout) {
+        Ok(client) => {
+            tracing::info!(socket = %socket.display(), "GPU-to-pod attribution through the kubelet PodResources API");
+            Some(client)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the PodResources client");
+            None
+        }
+    }
+}
+
 /// Runs the exporter until `shutdown` resolves.
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     let policy = WorkloadLabelPolicy::with_extra_keys(&cli.pod_label_allowlist);
@@ -132,71 +217,20 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
     };
 
     // --- pod watch
-    let pods = match cli.kube.resolved_url() {
-        None => {
-            tracing::info!("no Kubernetes API configured: GPU series get pod names from the kubelet but workload labels stay unknown");
-            None
-        }
-        Some(_) if node.is_empty() => {
-            tracing::error!("--node-name (NODE_NAME) is required for the pod watch; running without workload labels");
-            None
-        }
-        Some(url) => {
-            let config = KubeConfig {
-                url: url.clone(),
-                token_file: cli.kube.token_path().filter(|p| p.exists()),
-                ca_file: cli.kube.ca_path(),
-                node_name: node.clone(),
-                timeout: cli.kube.timeout,
-                watch_timeout: cli.kube.watch_timeout,
-            };
-            match KubeClient::new(config) {
-                Ok(client) => {
-                    let store = Arc::new(PodStore::default());
-                    tracing::info!(%url, node = %node, "watching pods of this node");
-                    tokio::spawn(client.run(store.clone(), stopped(stop_tx.subscribe())));
-                    Some(store)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, %url, "cannot set up the Kubernetes API client; running without workload labels");
-                    None
-                }
-            }
-        }
-    };
-    // --- inference runtimes: fed every pod of the node on each change
+    let pods = start_pod_watch(&cli, stopped(stop_tx.subscribe()));
+    // --- inference runtimes: fed each pod change of the node's watch
     let runtime = RuntimeCollector::new(&cli.runtime, policy.clone());
     tokio::spawn(runtime.clone().run(stopped(stop_tx.subscribe())));
-    if let Some(store) = &pods {
-        let store = store.clone();
-        let runtime = runtime.clone();
-        let mut changes = store.subscribe();
-        let mut stop = stop_tx.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                runtime.update_pods(&store.snapshot().pod_infos());
-            }
-        });
+    if let (Some(store), false) = (&pods, cli.runtime.runtime_disable) {
+        tokio::spawn(feed_runtime_targets(
+            store.clone(),
+            runtime.clone(),
+            stopped(stop_tx.subscribe()),
+        ));
     }
 
     // --- kubelet
-    let podresources = match cli.kubelet.socket_path() {
-        None => None,
-        Some(socket) => match PodResourcesClient::new(socket.clone(), cli.kubelet.call_timeout) {
-            Ok(client) => {
-                tracing::info!(socket = %socket.display(), "GPU-to-pod attribution through the kubelet PodResources API");
-                Some(client)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up the PodResources client");
-                None
-            }
-        },
-    };
+    let podresources = podresources_client(&cli);
     let resolver = cli.host_proc_path().map(ProcCgroupResolver::new);
 
     // --- registry and server
@@ -207,7 +241,9 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), App
             dcgm_compat: cli.dcgm_compat,
         },
     )));
-    registry.register_collector(Box::new(RuntimeCollectorHandle(runtime)));
+    if !cli.runtime.runtime_disable {
+        registry.register_collector(Box::new(RuntimeCollectorHandle(runtime)));
+    }
     let listener = TcpListener::bind(cli.listen)
         .await
         .map_err(|source| AppError::Listen {

@@ -257,9 +257,21 @@ mod tests {
     }
 
     proptest! {
+        /// Only a client that names OpenMetrics gets it: any header that
+        /// does not mention it is answered in text.
         #[test]
-        fn any_header_gives_a_format(s in "\\PC{0,120}") {
-            let _ = negotiate(Some(&s));
+        fn a_header_without_openmetrics_gives_text(s in "\\PC{0,120}") {
+            prop_assume!(!s.to_ascii_lowercase().contains("openmetrics"));
+            prop_assert_eq!(negotiate(Some(&s)), Format::Text);
+        }
+
+        /// Asking for OpenMetrics first, whatever follows at a lower q,
+        /// gets OpenMetrics.
+        #[test]
+        fn openmetrics_first_wins_over_any_lower_ranked_rest(s in "[a-z/*;=., ]{0,80}") {
+            prop_assume!(!s.contains('q'));
+            let header = format!("application/openmetrics-text;version=1.0.0,{s};q=0.5");
+            prop_assert_eq!(negotiate(Some(&header)), Format::OpenMetrics);
         }
 
         #[test]

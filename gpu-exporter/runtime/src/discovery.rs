@@ -91,6 +91,16 @@ fn named_port(pod: &PodInfo, name: &str) -> Option<u16> {
         .map(|p| p.port)
 }
 
+/// Stable identity of a pod's target across updates: the UID, else
+/// namespace/name.
+pub fn target_key(pod: &PodInfo) -> String {
+    if pod.uid.is_empty() {
+        format!("{}/{}", pod.namespace, pod.name)
+    } else {
+        pod.uid.clone()
+    }
+}
+
 /// The scrape target of a pod, if it is a Running runtime pod with an IP.
 pub fn target_for(
     pod: &PodInfo,
@@ -132,13 +142,8 @@ pub fn target_for(
         ip.to_string()
     };
     let url = (scheme == "http").then(|| format!("http://{host}:{port}{path}"));
-    let key = if pod.uid.is_empty() {
-        format!("{}/{}", pod.namespace, pod.name)
-    } else {
-        pod.uid.clone()
-    };
     Some(Target {
-        key,
+        key: target_key(pod),
         namespace: pod.namespace.clone(),
         pod: pod.name.clone(),
         url,

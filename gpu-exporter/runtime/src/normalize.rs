@@ -270,6 +270,17 @@ pub struct Normalized {
 
 /// Parses and normalizes with default limits. `runtime_hint` (from the pod
 /// label) wins over detection from metric names.
+///
+/// ```
+/// use tokentap_runtime_metrics::{normalize, CounterKind, GaugeKind, Runtime};
+///
+/// let vllm = "vllm:num_requests_waiting{model_name=\"m\"} 3\n\
+///             vllm:generation_tokens_total{model_name=\"m\"} 1200\n";
+/// let n = normalize(vllm, None).unwrap();
+/// assert_eq!(n.runtime, Runtime::Vllm);
+/// assert_eq!(n.gauges[&GaugeKind::RequestsWaiting], 3.0);
+/// assert_eq!(n.counters[&CounterKind::GenerationTokens], 1200.0);
+/// ```
 pub fn normalize(text: &str, runtime_hint: Option<Runtime>) -> Result<Normalized, ParseError> {
     normalize_with(text, runtime_hint, &ParseLimits::default())
 }

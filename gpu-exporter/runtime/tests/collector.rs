@@ -230,10 +230,126 @@ fn pods_that_leave_are_forgotten() {
     let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
     c.update_pods(&[pod("a", "ua", None), pod("b", "ub", None)]);
     c.ingest("ua", &fixture("vllm.prom"));
+    c.ingest("ub", &fixture("vllm.prom"));
     c.update_pods(&[pod("b", "ub", None)]);
     let s = parse(&encode(&c));
     assert!(find(&s, "llm_runtime_up", "a").is_empty());
     assert_eq!(find(&s, "llm_runtime_up", "b").len(), 1);
+}
+
+#[test]
+fn disabled_collector_publishes_no_runtime_series_at_all() {
+    let pods = [pod("a", "ua", Some("vllm")), pod("b", "ub", None)];
+    let enabled = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    enabled.update_pods(&pods);
+    enabled.ingest("ua", &fixture("vllm.prom"));
+    assert!(encode(&enabled).contains("llm_runtime_up{"));
+
+    let args = RuntimeArgs {
+        runtime_disable: true,
+        ..RuntimeArgs::default()
+    };
+    let disabled = RuntimeCollector::new(&args, WorkloadLabelPolicy::default());
+    disabled.update_pods(&pods);
+    disabled.update_pod(&pod("c", "uc", None));
+    disabled.ingest("ua", &fixture("vllm.prom"));
+    let text = encode(&disabled);
+    let runtime_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("llm_runtime_"))
+        .collect();
+    assert!(runtime_lines.is_empty(), "{runtime_lines:?}");
+    assert_eq!(disabled.target_count(), 0);
+}
+
+#[test]
+fn a_target_not_scraped_yet_is_counted_but_has_no_series() {
+    let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    c.update_pods(&[pod("new", "un", None)]);
+    let s = parse(&encode(&c));
+    assert!(
+        find(&s, "llm_runtime_up", "new").is_empty(),
+        "new is not down"
+    );
+    let targets = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "llm_runtime_targets")
+        .unwrap();
+    assert_eq!(value(targets), 1.0);
+    c.ingest_failure("un", ScrapeError::Connect);
+    let s = parse(&encode(&c));
+    assert_eq!(value(find(&s, "llm_runtime_up", "new")[0]), 0.0);
+}
+
+#[test]
+fn one_pod_change_touches_only_its_target() {
+    let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    c.update_pods(&[pod("a", "ua", None), pod("b", "ub", None)]);
+    c.ingest("ua", &fixture("vllm.prom"));
+    c.update_pod(&pod("c", "uc", Some("sglang")));
+    assert_eq!(c.target_count(), 3);
+    // A pod that stops matching the selector loses its target ...
+    let mut b = pod("b", "ub", None);
+    b.labels.remove("app.kubernetes.io/part-of");
+    c.update_pod(&b);
+    assert_eq!(c.target_count(), 2);
+    // ... one that leaves the node too; the others keep their state.
+    c.remove_pod(&pod("c", "uc", None));
+    let s = parse(&encode(&c));
+    assert_eq!(value(find(&s, "llm_runtime_up", "a")[0]), 1.0);
+    assert!(find(&s, "llm_runtime_up", "b").is_empty());
+    assert!(find(&s, "llm_runtime_up", "c").is_empty());
+}
+
+/// The whole runtime exposition for every fixture, a failed target and a
+/// restart, compared byte for byte with a recording; encoder refactors must
+/// leave it unchanged (re-record a deliberate change with
+/// `TOKENTAP_UPDATE_GOLDEN=1`).
+#[test]
+fn exposition_is_byte_identical_to_the_recorded_golden() {
+    let c = RuntimeCollector::new(&RuntimeArgs::default(), WorkloadLabelPolicy::default());
+    let fixtures = [
+        "vllm.prom",
+        "sglang.prom",
+        "tgi.prom",
+        "trtllm-serve.prom",
+        "triton-tensorrt-llm.prom",
+    ];
+    let mut pods: Vec<PodInfo> = fixtures
+        .iter()
+        .enumerate()
+        .map(|(i, f)| pod(&format!("p{i}"), &format!("u{i}"), None).with_name_of(f))
+        .collect();
+    pods.push(pod("down", "u-down", Some("vllm")));
+    c.update_pods(&pods);
+    for (i, file) in fixtures.iter().enumerate() {
+        c.ingest(&format!("u{i}"), &fixture(file));
+        c.ingest(&format!("u{i}"), &fixture(file));
+    }
+    c.ingest_failure("u-down", ScrapeError::Timeout);
+    let text = encode(&c);
+    let path = format!("{}/tests/golden/exposition.txt", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var("TOKENTAP_UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::create_dir_all(format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        std::fs::write(&path, &text).unwrap();
+    }
+    assert!(
+        text == std::fs::read_to_string(&path).unwrap(),
+        "exposition differs from {path}"
+    );
+}
+
+/// Names a test pod after its fixture, for readable golden files.
+trait WithNameOf {
+    fn with_name_of(self, fixture: &str) -> Self;
+}
+
+impl WithNameOf for PodInfo {
+    fn with_name_of(mut self, fixture: &str) -> Self {
+        self.name = fixture.trim_end_matches(".prom").to_string();
+        self
+    }
 }
 
 fn arb_line() -> impl Strategy<Value = String> {

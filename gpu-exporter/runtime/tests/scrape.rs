@@ -125,3 +125,36 @@ async fn hung_and_closed_runtimes_do_not_hide_the_healthy_one() {
     );
     assert_eq!(c.target_count(), 3);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn each_target_is_scraped_once_per_interval_whatever_joins() {
+    let interval = Duration::from_secs(5);
+    let args = RuntimeArgs {
+        runtime_scrape_interval: interval,
+        runtime_scrape_timeout: Duration::from_millis(300),
+        ..RuntimeArgs::default()
+    };
+    let c = RuntimeCollector::new(&args, WorkloadLabelPolicy::default());
+    let port = closed_port();
+    let start = std::time::Instant::now();
+    let pods: Vec<PodInfo> = (0..8).map(|i| pod(&format!("p{i}"), port)).collect();
+    c.update_pods(&pods);
+    // Four intervals on a simulated clock in 100 ms steps; a ninth target
+    // joins after 2 s and others come and go around it.
+    let mut scraped = 0;
+    for step in 1..=200u32 {
+        if step == 20 {
+            c.update_pod(&pod("late", port));
+        }
+        if step % 10 == 0 {
+            c.update_pod(&pod("short-lived", port));
+            c.remove_pod(&pod("short-lived", port));
+        }
+        scraped += c
+            .scrape_due(start + Duration::from_millis(100) * step)
+            .await;
+    }
+    // 8 targets x 4 intervals + the late one's 4 slots; a scrape-all on
+    // every change would have made hundreds.
+    assert_eq!(scraped, 36);
+}

@@ -49,6 +49,10 @@ enum Command {
         /// ... and this private key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// First resourceVersion; give the last one a previous run served
+        /// to restart with continuity.
+        #[arg(long, default_value_t = 100)]
+        resource_version: u64,
     },
 }
 
@@ -67,12 +71,13 @@ fn main() -> anyhow::Result<()> {
                 token,
                 tls_cert,
                 tls_key,
+                resource_version,
             } => {
                 let tls = match (tls_cert, tls_key) {
                     (Some(cert), Some(key)) => Some(kube_api::Tls { cert, key }),
                     _ => None,
                 };
-                kube_api::run(listen, scenario, node, token, tls).await
+                kube_api::run(listen, scenario, node, token, tls, resource_version).await
             }
         }
     })

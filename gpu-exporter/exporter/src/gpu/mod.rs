@@ -8,6 +8,38 @@ use crate::health::ErrorKind;
 
 /// A source of GPU readings: NVML in production, a scripted fake in tests.
 /// `collect` never fails as a whole; what went wrong is inside the reading.
+///
+/// ```
+/// use tokentap_gpu_exporter::gpu::{DeviceIdentity, DeviceReading, GpuReading, GpuSource, NvmlStatus};
+/// use tokentap_gpu_exporter::health::ErrorKind;
+///
+/// /// One GPU at a fixed utilization, until the driver goes away.
+/// struct OneGpu { passes: u32 }
+///
+/// impl GpuSource for OneGpu {
+///     fn collect(&mut self) -> GpuReading {
+///         self.passes += 1;
+///         if self.passes > 2 {
+///             return GpuReading::down(ErrorKind::DriverNotLoaded, "driver unloaded");
+///         }
+///         let device = DeviceReading {
+///             identity: DeviceIdentity { uuid: "GPU-0".into(), ..DeviceIdentity::default() },
+///             utilization_gpu_percent: Some(42),
+///             ..DeviceReading::default()
+///         };
+///         GpuReading {
+///             nvml: NvmlStatus::Up { driver_version: None, cuda_driver_version: None },
+///             devices: vec![device],
+///             ..GpuReading::down(ErrorKind::Unknown, "")
+///         }
+///     }
+/// }
+///
+/// let mut source = OneGpu { passes: 0 };
+/// assert_eq!(source.collect().devices[0].utilization_gpu_percent, Some(42));
+/// source.collect();
+/// assert!(matches!(source.collect().nvml, NvmlStatus::Down { kind: ErrorKind::DriverNotLoaded, .. }));
+/// ```
 pub trait GpuSource: Send {
     fn collect(&mut self) -> GpuReading;
 }

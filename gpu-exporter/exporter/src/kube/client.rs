@@ -1,408 +1,24 @@
-//! A small Kubernetes API client that keeps the pods of one node in memory:
-//! LIST with `fieldSelector=spec.nodeName=<node>`, then WATCH from the list's
-//! resourceVersion; a 410 Gone or any error leads to a fresh LIST after a
-//! backoff. In cluster it speaks HTTPS with the service-account CA and token
-//! (re-read on every connection, since bound tokens rotate).
-//!
-//! Only the fields the exporter needs are decoded; everything else in a pod
-//! object is skipped by serde.
+//! The API client: LIST and WATCH of one node's pods over HTTP/1.1 (HTTPS
+//! in cluster), with a progress bound and a probe for liveness, TCP
+//! keepalive, and a backoff between failed cycles.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-use tokentap_workload::{ContainerPort, PodInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::model::decode_list;
+use super::{decode_watch_line, NodePod, PodStore, WatchEvent};
 use crate::health::ErrorKind;
 
 /// Default service-account paths inside a pod.
 pub const SA_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 pub const SA_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
-
-/// A pod on this node, with what attribution needs beyond [`PodInfo`].
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodePod {
-    pub info: PodInfo,
-    /// (container name, runtime container id without the `containerd://` scheme).
-    pub container_ids: Vec<(String, String)>,
-    /// `status.reason`, e.g. `UnexpectedAdmissionError`, `OutOfnvidia.com/gpu`.
-    pub reason: Option<String>,
-    pub message: Option<String>,
-}
-
-impl NodePod {
-    /// Name of the container with this runtime id.
-    pub fn container_by_id(&self, id: &str) -> Option<&str> {
-        self.container_ids
-            .iter()
-            .find(|(_, cid)| cid == id)
-            .map(|(name, _)| name.as_str())
-    }
-}
-
-// ------------------------------------------------------------ JSON model
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct ObjectMeta {
-    name: String,
-    namespace: String,
-    uid: String,
-    resource_version: String,
-    labels: BTreeMap<String, String>,
-    annotations: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct PodSpecJson {
-    containers: Vec<ContainerJson>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct ContainerJson {
-    name: String,
-    ports: Vec<PortJson>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct PortJson {
-    name: Option<String>,
-    container_port: i64,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct PodStatusJson {
-    phase: String,
-    #[serde(rename = "podIP")]
-    pod_ip: Option<String>,
-    reason: Option<String>,
-    message: Option<String>,
-    container_statuses: Vec<ContainerStatusJson>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct ContainerStatusJson {
-    name: String,
-    ready: bool,
-    restart_count: u32,
-    #[serde(rename = "containerID")]
-    container_id: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct PodJson {
-    metadata: ObjectMeta,
-    spec: PodSpecJson,
-    status: PodStatusJson,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct ListMeta {
-    resource_version: String,
-    #[serde(rename = "continue")]
-    continue_token: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct PodListJson {
-    metadata: ListMeta,
-    items: Vec<PodJson>,
-}
-
-#[derive(Deserialize)]
-struct WatchEventJson {
-    #[serde(rename = "type")]
-    kind: String,
-    object: serde_json::Value,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct StatusJson {
-    code: u16,
-    message: String,
-}
-
-impl From<PodJson> for NodePod {
-    fn from(pod: PodJson) -> Self {
-        let statuses = &pod.status.container_statuses;
-        let ready = !statuses.is_empty() && statuses.iter().all(|c| c.ready);
-        let container_ports = pod
-            .spec
-            .containers
-            .iter()
-            .flat_map(|c| {
-                c.ports.iter().filter_map(|p| {
-                    u16::try_from(p.container_port)
-                        .ok()
-                        .map(|port| ContainerPort {
-                            container: c.name.clone(),
-                            name: p.name.clone(),
-                            port,
-                        })
-                })
-            })
-            .collect();
-        let container_ids = statuses
-            .iter()
-            .filter_map(|c| {
-                let raw = c.container_id.as_deref()?;
-                let id = raw.split_once("://").map(|(_, id)| id).unwrap_or(raw);
-                (!id.is_empty()).then(|| (c.name.clone(), id.to_string()))
-            })
-            .collect();
-        NodePod {
-            info: PodInfo {
-                namespace: pod.metadata.namespace,
-                name: pod.metadata.name,
-                uid: pod.metadata.uid,
-                ip: pod.status.pod_ip.filter(|ip| !ip.is_empty()),
-                phase: pod.status.phase,
-                ready,
-                labels: pod.metadata.labels,
-                annotations: pod.metadata.annotations,
-                container_ports,
-                restart_count: statuses.iter().map(|c| c.restart_count).sum(),
-            },
-            container_ids,
-            reason: pod.status.reason,
-            message: pod.status.message,
-        }
-    }
-}
-
-/// Decodes one pod object (as served by the API) into a [`NodePod`].
-pub fn decode_pod(value: serde_json::Value) -> Result<NodePod, KubeError> {
-    let pod: PodJson = serde_json::from_value(value).map_err(KubeError::Decode)?;
-    Ok(pod.into())
-}
-
-/// One line of a watch stream, decoded.
-#[derive(Debug, PartialEq)]
-pub enum WatchEvent {
-    Added(NodePod, String),
-    Modified(NodePod, String),
-    Deleted(NodePod, String),
-    Bookmark(String),
-    /// The server ended the watch with a Status; 410 means the
-    /// resourceVersion is too old and a re-list is needed.
-    Error {
-        code: u16,
-        message: String,
-    },
-}
-
-pub fn decode_watch_line(line: &[u8]) -> Result<WatchEvent, KubeError> {
-    let event: WatchEventJson = serde_json::from_slice(line).map_err(KubeError::Decode)?;
-    let rv = |v: &serde_json::Value| {
-        v.pointer("/metadata/resourceVersion")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    Ok(match event.kind.as_str() {
-        "ADDED" => {
-            let version = rv(&event.object);
-            WatchEvent::Added(decode_pod(event.object)?, version)
-        }
-        "MODIFIED" => {
-            let version = rv(&event.object);
-            WatchEvent::Modified(decode_pod(event.object)?, version)
-        }
-        "DELETED" => {
-            let version = rv(&event.object);
-            WatchEvent::Deleted(decode_pod(event.object)?, version)
-        }
-        "BOOKMARK" => WatchEvent::Bookmark(rv(&event.object)),
-        "ERROR" => {
-            let status: StatusJson =
-                serde_json::from_value(event.object).map_err(KubeError::Decode)?;
-            WatchEvent::Error {
-                code: status.code,
-                message: status.message,
-            }
-        }
-        other => {
-            return Err(KubeError::Protocol(format!(
-                "unknown watch event type {other:?}"
-            )))
-        }
-    })
-}
-
-// ---------------------------------------------------------------- store
-
-/// Pods of this node, indexed by UID and by (namespace, name). Replaced as a
-/// whole on every change, so readers take a cheap `Arc` snapshot.
-#[derive(Clone, Debug, Default)]
-pub struct PodIndex {
-    by_uid: HashMap<String, Arc<NodePod>>,
-    by_name: HashMap<(String, String), String>,
-}
-
-impl PodIndex {
-    pub fn from_pods<I: IntoIterator<Item = NodePod>>(pods: I) -> Self {
-        let mut index = PodIndex::default();
-        for pod in pods {
-            index.insert(pod);
-        }
-        index
-    }
-
-    fn insert(&mut self, pod: NodePod) {
-        let key = (pod.info.namespace.clone(), pod.info.name.clone());
-        if let Some(old_uid) = self.by_name.get(&key) {
-            if *old_uid != pod.info.uid {
-                self.by_uid.remove(old_uid);
-            }
-        }
-        self.by_name.insert(key, pod.info.uid.clone());
-        self.by_uid.insert(pod.info.uid.clone(), Arc::new(pod));
-    }
-
-    fn remove(&mut self, pod: &NodePod) {
-        self.by_uid.remove(&pod.info.uid);
-        let key = (pod.info.namespace.clone(), pod.info.name.clone());
-        if self.by_name.get(&key) == Some(&pod.info.uid) {
-            self.by_name.remove(&key);
-        }
-    }
-
-    pub fn by_uid(&self, uid: &str) -> Option<&NodePod> {
-        self.by_uid.get(uid).map(Arc::as_ref)
-    }
-
-    pub fn by_name(&self, namespace: &str, name: &str) -> Option<&NodePod> {
-        self.by_name
-            .get(&(namespace.to_string(), name.to_string()))
-            .and_then(|uid| self.by_uid(uid))
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_uid.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_uid.is_empty()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &NodePod> {
-        self.by_uid.values().map(Arc::as_ref)
-    }
-
-    /// Every pod as the runtime collector wants them.
-    pub fn pod_infos(&self) -> Vec<PodInfo> {
-        let mut pods: Vec<PodInfo> = self.iter().map(|p| p.info.clone()).collect();
-        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        pods
-    }
-}
-
-/// Health of the watch, drained by each collection pass.
-#[derive(Debug, Default)]
-struct WatchHealth {
-    errors: Vec<ErrorKind>,
-    healthy: bool,
-    synced: bool,
-}
-
-/// The shared pod cache the watcher fills.
-#[derive(Debug)]
-pub struct PodStore {
-    index: RwLock<Arc<PodIndex>>,
-    health: Mutex<WatchHealth>,
-    changed: tokio::sync::watch::Sender<u64>,
-}
-
-impl Default for PodStore {
-    fn default() -> Self {
-        Self {
-            index: RwLock::new(Arc::new(PodIndex::default())),
-            health: Mutex::new(WatchHealth::default()),
-            changed: tokio::sync::watch::channel(0).0,
-        }
-    }
-}
-
-/// What a collection pass learns about the watch.
-#[derive(Debug, Default, PartialEq)]
-pub struct WatchReport {
-    pub errors: Vec<ErrorKind>,
-    pub healthy: bool,
-    pub synced: bool,
-}
-
-impl PodStore {
-    pub fn snapshot(&self) -> Arc<PodIndex> {
-        self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// A receiver that sees a new value after every change of the pod set.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    fn publish(&self, index: PodIndex) {
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
-        self.changed.send_modify(|generation| *generation += 1);
-    }
-
-    fn health(&self) -> std::sync::MutexGuard<'_, WatchHealth> {
-        self.health.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn replace(&self, pods: Vec<NodePod>) {
-        self.publish(PodIndex::from_pods(pods));
-        let mut health = self.health();
-        health.synced = true;
-        health.healthy = true;
-    }
-
-    pub fn apply(&self, event: &WatchEvent) {
-        let mut next = (*self.snapshot()).clone();
-        match event {
-            WatchEvent::Added(pod, _) | WatchEvent::Modified(pod, _) => next.insert(pod.clone()),
-            WatchEvent::Deleted(pod, _) => next.remove(pod),
-            WatchEvent::Bookmark(_) | WatchEvent::Error { .. } => return,
-        }
-        self.publish(next);
-    }
-
-    pub fn record_error(&self, kind: ErrorKind) {
-        let mut health = self.health();
-        health.errors.push(kind);
-        // An expired watch is routine; the re-list that follows decides.
-        if kind != ErrorKind::Expired {
-            health.healthy = false;
-        }
-    }
-
-    pub fn report(&self) -> WatchReport {
-        let mut health = self.health();
-        WatchReport {
-            errors: std::mem::take(&mut health.errors),
-            healthy: health.healthy,
-            synced: health.synced,
-        }
-    }
-}
-
-// --------------------------------------------------------------- client
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -458,6 +74,9 @@ pub struct KubeConfig {
     pub timeout: Duration,
     /// Server-side watch timeout; the watch is then resumed.
     pub watch_timeout: Duration,
+    /// Longest silence of a watch (no event, no bookmark) before the API is
+    /// probed; a probe that fails ends the watch as failed.
+    pub progress_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -514,6 +133,15 @@ pub fn list_path(node: &str, continue_token: Option<&str>) -> String {
     path
 }
 
+/// A one-item LIST: the cheapest request that proves the API server answers
+/// for this node's pods.
+pub fn probe_path(node: &str) -> String {
+    format!(
+        "/api/v1/pods?fieldSelector={}&limit=1",
+        encode_query_value(&format!("spec.nodeName={node}"))
+    )
+}
+
 pub fn watch_path(node: &str, resource_version: &str, timeout: Duration) -> String {
     format!(
         "/api/v1/pods?fieldSelector={}&watch=1&allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={}",
@@ -525,6 +153,12 @@ pub fn watch_path(node: &str, resource_version: &str, timeout: Duration) -> Stri
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// TCP keepalive on API connections: first probe after this idle time ...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ... then every this long, giving up after this many unanswered probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// Largest LIST page accepted.
 const MAX_LIST_BYTES: usize = 64 * 1024 * 1024;
@@ -570,6 +204,15 @@ impl KubeClient {
             .map_err(|_| KubeError::Timeout)?
             .map_err(KubeError::Connect)?;
         let _ = tcp.set_nodelay(true);
+        // A peer that vanished (host down, connection dropped by a
+        // middlebox) is noticed by the kernel even on a silent watch.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
+        if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot enable TCP keepalive to the Kubernetes API");
+        }
         #[cfg(feature = "in-cluster-tls")]
         if let Some(tls) = &self.tls {
             let name =
@@ -661,17 +304,29 @@ impl KubeClient {
             .map_err(|_| KubeError::Timeout)?
             .map_err(|e| KubeError::Protocol(e.to_string()))?
             .to_bytes();
-            let list: PodListJson = serde_json::from_slice(&body).map_err(KubeError::Decode)?;
-            pods.extend(list.items.into_iter().map(NodePod::from));
-            match list.metadata.continue_token.filter(|t| !t.is_empty()) {
+            let page = decode_list(&body)?;
+            pods.extend(page.pods);
+            match page.continue_token {
                 Some(token) => continue_token = Some(token),
-                None => return Ok((pods, list.metadata.resource_version)),
+                None => return Ok((pods, page.resource_version)),
             }
         }
     }
 
+    /// Asks the API server for one pod of this node; an error (timeout
+    /// included) means the server does not answer.
+    async fn probe(&self) -> Result<(), KubeError> {
+        let response = self.get(&probe_path(&self.config.node_name)).await?;
+        tokio::time::timeout(self.config.timeout, response.into_body().collect())
+            .await
+            .map_err(|_| KubeError::Timeout)??;
+        Ok(())
+    }
+
     /// Watches from `resource_version`, applying events to `store`, until the
-    /// server closes the stream. Returns the last resourceVersion seen.
+    /// server closes the stream. Returns the last resourceVersion seen. A
+    /// watch silent for `progress_timeout` probes the server and fails when
+    /// the probe does.
     pub async fn watch(
         &self,
         resource_version: &str,
@@ -687,10 +342,18 @@ impl KubeClient {
         let mut buffer = BytesMut::new();
         // The server closes after timeoutSeconds; allow a margin before
         // declaring the connection dead.
-        let idle = self.config.watch_timeout + Duration::from_secs(30);
+        let deadline = Instant::now() + self.config.watch_timeout + Duration::from_secs(30);
         loop {
-            let frame = match tokio::time::timeout(idle, body.frame()).await {
-                Err(_) => return Err(KubeError::Timeout),
+            let frame = match tokio::time::timeout(self.config.progress_timeout, body.frame()).await
+            {
+                Err(_) => {
+                    // Silent past the bound: a quiet node, or a hung server.
+                    self.probe().await?;
+                    if Instant::now() > deadline {
+                        return Err(KubeError::Timeout);
+                    }
+                    continue;
+                }
                 Ok(None) => return Ok(version),
                 Ok(Some(frame)) => frame?,
             };
@@ -817,94 +480,6 @@ pub fn in_cluster_url() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn pod_json(name: &str, uid: &str) -> serde_json::Value {
-        json!({
-            "metadata": {
-                "name": name, "namespace": "llm", "uid": uid, "resourceVersion": "42",
-                "labels": {"workload.k8sllm.io/model": "mistral-7b"},
-                "annotations": {"prometheus.io/port": "8000"},
-                "managedFields": [{"manager": "kubelet"}]
-            },
-            "spec": {"nodeName": "gpu-node-1", "containers": [
-                {"name": "server", "ports": [{"name": "http", "containerPort": 8000}]},
-                {"name": "sidecar"}
-            ]},
-            "status": {
-                "phase": "Running", "podIP": "10.0.0.7",
-                "containerStatuses": [
-                    {"name": "server", "ready": true, "restartCount": 2,
-                     "containerID": "containerd://abc123"},
-                    {"name": "sidecar", "ready": true, "restartCount": 1}
-                ]
-            }
-        })
-    }
-
-    #[test]
-    fn pods_decode_to_pod_info() {
-        let pod = decode_pod(pod_json("vllm-0", "u-1")).unwrap();
-        assert_eq!(pod.info.name, "vllm-0");
-        assert_eq!(pod.info.ip.as_deref(), Some("10.0.0.7"));
-        assert!(pod.info.ready);
-        assert_eq!(pod.info.restart_count, 3);
-        assert_eq!(pod.info.container_ports.len(), 1);
-        assert_eq!(pod.info.container_ports[0].port, 8000);
-        assert_eq!(pod.info.annotations["prometheus.io/port"], "8000");
-        assert_eq!(pod.container_by_id("abc123"), Some("server"));
-    }
-
-    #[test]
-    fn watch_lines_decode() {
-        let line =
-            serde_json::to_vec(&json!({"type": "ADDED", "object": pod_json("a", "u-a")})).unwrap();
-        match decode_watch_line(&line).unwrap() {
-            WatchEvent::Added(pod, rv) => {
-                assert_eq!(pod.info.uid, "u-a");
-                assert_eq!(rv, "42");
-            }
-            other => panic!("{other:?}"),
-        }
-        let gone = br#"{"type":"ERROR","object":{"kind":"Status","code":410,"message":"too old resource version"}}"#;
-        assert_eq!(
-            decode_watch_line(gone).unwrap(),
-            WatchEvent::Error {
-                code: 410,
-                message: "too old resource version".into()
-            }
-        );
-        let bookmark = br#"{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"99"}}}"#;
-        assert_eq!(
-            decode_watch_line(bookmark).unwrap(),
-            WatchEvent::Bookmark("99".into())
-        );
-        assert!(decode_watch_line(b"{not json").is_err());
-    }
-
-    #[test]
-    fn store_applies_events_and_reindexes_by_name() {
-        let store = PodStore::default();
-        let mut rx = store.subscribe();
-        store.replace(vec![decode_pod(pod_json("a", "u-a")).unwrap()]);
-        assert!(rx.has_changed().unwrap());
-        rx.mark_unchanged();
-        let b = decode_pod(pod_json("b", "u-b")).unwrap();
-        store.apply(&WatchEvent::Added(b.clone(), "43".into()));
-        assert_eq!(store.snapshot().len(), 2);
-        // Same name, new UID (pod recreated): the old entry goes.
-        let a2 = decode_pod(pod_json("a", "u-a2")).unwrap();
-        store.apply(&WatchEvent::Modified(a2, "44".into()));
-        let snap = store.snapshot();
-        assert_eq!(snap.len(), 2);
-        assert_eq!(snap.by_name("llm", "a").unwrap().info.uid, "u-a2");
-        assert!(snap.by_uid("u-a").is_none());
-        store.apply(&WatchEvent::Deleted(b, "45".into()));
-        assert_eq!(store.snapshot().len(), 1);
-        assert!(rx.has_changed().unwrap());
-        let report = store.report();
-        assert!(report.synced && report.healthy);
-    }
 
     #[test]
     fn urls_and_paths() {
@@ -923,6 +498,10 @@ mod tests {
         assert_eq!(
             list_path("node-1", None),
             "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&limit=500"
+        );
+        assert_eq!(
+            probe_path("node-1"),
+            "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&limit=1"
         );
         assert!(watch_path("n", "17", Duration::from_secs(300))
             .ends_with("&resourceVersion=17&timeoutSeconds=300"));
