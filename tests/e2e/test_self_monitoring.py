@@ -254,7 +254,12 @@ def test_renamed_or_missing_gateway_stats_tags_fire_the_gateway_telemetry_alerts
     # `route` tag missing: every family is renamed (route___chat___llm_…).
     telemetry.restart_envoy(_drop("route"))
     telemetry.traffic()
-    assert "route___chat___llm_gateway_requests_total" in telemetry.envoy.stats_prometheus()
+    # The filter publishes its metrics on its tick: wait for them.
+    wait_until(
+        lambda: "route___chat___llm_gateway_requests_total" in telemetry.envoy.stats_prometheus(),
+        timeout=5,
+        what="the renamed family in Envoy's stats",
+    )
     fired = telemetry.wait_firing("LLMGatewayMetricsAbsent")
     assert [(a["job"], a["instance"]) for a in fired] == [(GATEWAY_JOB, instance)], fired
     telemetry.wait_resolved("LLMGatewayMetricsUnlabelled")

@@ -321,7 +321,11 @@ fn bench(args: &[String]) -> Result {
         "--release",
     ]))?;
     let quick: Vec<&str> = args.iter().map(String::as_str).collect();
-    for script in ["bench/gateway.py", "bench/gpu_exporter.py"] {
+    for script in [
+        "bench/gateway.py",
+        "bench/gpu_exporter.py",
+        "bench/gpu_exporter_churn.py",
+    ] {
         if root().join(script).exists() {
             let mut a = vec![script];
             a.extend(quick.iter().copied());
