@@ -336,6 +336,9 @@ def run_scenario(
             for stage in STAGES:
                 key = f"stage {stage}"
                 variants.append(Variant(key, key, start(key, stage_edit(stage)), LLM_PATH, stage in ("metrics", "full")))
+        for probe in opts.probes:
+            key = f"probe {probe}"
+            variants.append(Variant(key, key, start(key, probe_edit(probe)), LLM_PATH, False))
         if opts.hostcalls and not scenario.streaming:
             for call in HOST_CALLS:
                 for n in (1, HOST_CALL_REPEAT):
@@ -451,6 +454,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs, one connection count: a smoke check")
     p.add_argument("--profile", action="store_true", help="add filter-on variants that skip work")
+    p.add_argument("--probes", default="", help="extra probe-filter variants, e.g. time:0,time:1 (see filters/probe)")
     p.add_argument(
         "--stages",
         action="store_true",
@@ -479,6 +483,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.warmup = opts.warmup or (1 if opts.quick else 2)
     opts.reps = opts.reps or (1 if opts.quick else 3)
     opts.scenarios = [s for s in opts.scenarios.split(",") if s]
+    opts.probes = [s for s in opts.probes.split(",") if s]
     unknown = [s for s in opts.scenarios if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s) {unknown}")
