@@ -127,8 +127,6 @@ pub struct Session {
     observer: RequestObserver,
     start: RequestLabels,
     span: Option<SpanStart>,
-    /// Holding the request body for the `include_usage` rewrite.
-    buffering: bool,
     /// The record was made and published.
     done: bool,
 }
@@ -214,8 +212,7 @@ impl<M: MetricsHost> Gateway<M> {
         self.count_overflows(overflowed);
         self.active(&start, 1);
         let span = self.start_span(host);
-        let buffering = observer.wants_request_buffering() && self.stage >= Stage::Bodies;
-        if buffering {
+        if observer.wants_request_buffering() && self.stage >= Stage::Bodies {
             // The body may grow; Envoy recomputes framing without it.
             host.remove_request_header("content-length");
         }
@@ -223,7 +220,6 @@ impl<M: MetricsHost> Gateway<M> {
             observer,
             start,
             span,
-            buffering,
             done: false,
         })
     }
@@ -252,7 +248,7 @@ impl<M: MetricsHost> Gateway<M> {
         if self.stage < Stage::Bodies {
             return BodyAction::Continue;
         }
-        if !s.buffering {
+        if !s.observer.wants_request_buffering() {
             let chunk = if body_size > 0 {
                 host.request_body(0, body_size).unwrap_or_default()
             } else {
@@ -285,7 +281,6 @@ impl<M: MetricsHost> Gateway<M> {
         }
         if body_size > self.config.max_request_buffer_bytes {
             s.observer.abandon_buffering();
-            s.buffering = false;
             if end_of_stream {
                 s.observer.request_body(&[], true);
             }
@@ -294,7 +289,6 @@ impl<M: MetricsHost> Gateway<M> {
         if !end_of_stream {
             return BodyAction::Pause;
         }
-        s.buffering = false;
         let body = host.request_body(0, body_size).unwrap_or_default();
         if let Some(new_body) = s.observer.rewrite_request(&body) {
             host.replace_request_body(body_size, &new_body);

@@ -1,6 +1,6 @@
-//! Byte searches eight bytes at a time (SWAR): the SSE framer looks for line
-//! ends and the stream fast path for quotes in every byte of every event,
-//! and `wasm32` has 64-bit integers but no `memchr`.
+//! Byte search eight bytes at a time (SWAR): the SSE framer looks for line
+//! ends in every byte of every event, and `wasm32` has 64-bit integers but
+//! no `memchr`.
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGH: u64 = 0x8080_8080_8080_8080;
@@ -43,11 +43,6 @@ pub fn find_either(bytes: &[u8], a: u8, b: u8) -> Option<usize> {
         .map(|p| i + p)
 }
 
-/// Position of the first byte of `bytes` equal to `a`.
-pub fn find(bytes: &[u8], a: u8) -> Option<usize> {
-    find_either(bytes, a, a)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,7 +59,7 @@ mod tests {
         ) {
             let plain = bytes.iter().position(|&c| c == a || c == b);
             prop_assert_eq!(find_either(&bytes, a, b), plain);
-            prop_assert_eq!(find(&bytes, a), bytes.iter().position(|&c| c == a));
+            prop_assert_eq!(find_either(&bytes, a, a), bytes.iter().position(|&c| c == a));
         }
     }
 }

@@ -12,7 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, MapType, MetricType};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ProbeRoot { probe: Probe::default() }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ProbeRoot { probe: Probe::default(), counter: 0, histogram: 0 }) });
 }}
 
 /// The host call a probe repeats.
@@ -78,6 +78,9 @@ const HISTOGRAM: &str = "tokentap_probe_histogram";
 
 struct ProbeRoot {
     probe: Probe,
+    /// Stats the metric probes update, defined once per VM.
+    counter: u32,
+    histogram: u32,
 }
 
 impl Context for ProbeRoot {}
@@ -88,6 +91,9 @@ impl RootContext for ProbeRoot {
         match Probe::parse(&String::from_utf8_lossy(&config)) {
             Some(probe) => {
                 self.probe = probe;
+                self.counter = hostcalls::define_metric(MetricType::Counter, COUNTER).unwrap_or(0);
+                self.histogram =
+                    hostcalls::define_metric(MetricType::Histogram, HISTOGRAM).unwrap_or(0);
                 true
             }
             None => false,
@@ -98,12 +104,11 @@ impl RootContext for ProbeRoot {
         if self.probe.call == Call::None {
             return Some(Box::new(Empty));
         }
-        let counter = hostcalls::define_metric(MetricType::Counter, COUNTER).unwrap_or(0);
-        let histogram = hostcalls::define_metric(MetricType::Histogram, HISTOGRAM).unwrap_or(0);
+        // Nothing but the repeated call per request: no per-request setup.
         Some(Box::new(Repeat {
             probe: self.probe,
-            counter,
-            histogram,
+            counter: self.counter,
+            histogram: self.histogram,
         }))
     }
 

@@ -148,8 +148,8 @@ impl MetricStore {
 
     /// Records a histogram sample.
     pub fn observe(&mut self, s: &Series<'_>, value: u64) {
-        let bounds = s.family.def().buckets;
-        let found = self.find(s, || Cell::Histogram(Box::new(Buckets::new(bounds))));
+        let bounds = || s.family.def().buckets;
+        let found = self.find(s, || Cell::Histogram(Box::new(Buckets::new(bounds()))));
         if let Some(Cell::Histogram(b)) = self.cell(found) {
             b.observe(value);
         }
