@@ -6,10 +6,13 @@
 //! Configured as `<call>:<n>` it repeats one host call `n` times in the
 //! request-headers callback, so the benchmark can price a host call as
 //! (CPU per request with n calls − CPU per request of the empty probe) / n.
+//! Configured as `io` it makes the data reads tokentap makes for a chat
+//! request, in the same callbacks, and nothing else: the floor of any
+//! proxy-wasm filter that has to read what tokentap reads.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ProbeRoot { probe: Probe::default(), counter: 0, histogram: 0 }) });
@@ -37,6 +40,8 @@ pub enum Call {
     SetProperty,
     /// `proxy_get_current_time_nanoseconds`.
     Time,
+    /// tokentap's reads of a chat request, without its logic (see [`Io`]).
+    Io,
 }
 
 /// What to do per request.
@@ -52,6 +57,12 @@ impl Probe {
         let text = text.trim();
         if text.is_empty() {
             return Some(Probe::default());
+        }
+        if text == "io" {
+            return Some(Probe {
+                call: Call::Io,
+                repeat: 1,
+            });
         }
         let (name, n) = text.split_once(':')?;
         let call = match name {
@@ -101,8 +112,10 @@ impl RootContext for ProbeRoot {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        if self.probe.call == Call::None {
-            return Some(Box::new(Empty));
+        match self.probe.call {
+            Call::None => return Some(Box::new(Empty)),
+            Call::Io => return Some(Box::new(Io)),
+            _ => {}
         }
         // Nothing but the repeated call per request: no per-request setup.
         Some(Box::new(Repeat {
@@ -157,7 +170,52 @@ impl Repeat {
                 hostcalls::set_property(vec!["tokentap_probe"], Some(b"{\"n\":1}")).map(drop)
             }
             Call::Time => hostcalls::get_current_time().map(drop),
+            Call::Io => Ok(()),
         };
+    }
+}
+
+/// What tokentap reads from Envoy for a chat request, call for call, with
+/// none of its parsing, labels, metrics or logic: one request-header map,
+/// `xds.route_name`, the request body, one response-header map, the
+/// response body, `xds.cluster_name`, three clock reads and one filter-state
+/// write of a summary's size.
+struct Io;
+
+/// A filter-state value of the size tokentap writes for a chat request.
+const SUMMARY: &[u8] = br#"{"model":"mistral-7b","tenant":"bench-1","route_class":"interactive","team":"platform-ai","operation":"chat","streamed":false,"cache_hit":false,"ttfb_ms":0.4,"prompt_tokens":16,"completion_tokens":9,"usage_source":"response","route":"chat","backend":"llm_stable"}"#;
+
+impl Context for Io {}
+
+impl HttpContext for Io {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let _ = hostcalls::get_map_bytes(MapType::HttpRequestHeaders);
+        let _ = hostcalls::get_property(vec!["xds", "route_name"]);
+        let _ = hostcalls::get_current_time();
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            let _ = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        let _ = hostcalls::get_map_bytes(MapType::HttpResponseHeaders);
+        let _ = hostcalls::get_current_time();
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _ = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size);
+        if end_of_stream {
+            let _ = hostcalls::get_property(vec!["xds", "cluster_name"]);
+            let _ = hostcalls::get_current_time();
+            let _ = hostcalls::set_property(vec!["tokentap"], Some(SUMMARY));
+        }
+        Action::Continue
     }
 }
 
@@ -175,6 +233,7 @@ mod tests {
                 repeat: 100
             })
         );
+        assert_eq!(Probe::parse("io").map(|p| p.call), Some(Call::Io));
         assert_eq!(Probe::parse("bogus:1"), None);
         assert_eq!(Probe::parse("record:x"), None);
     }
