@@ -269,7 +269,7 @@ def attribute(rows, mappings, shipped: Path, n: int) -> tuple[dict[str, float], 
         elif "libc" in obj or "libm" in obj:
             groups["libc"] += ir
         else:
-            groups["V8 runtime, stubs and builtins"] += ir
+            groups["other code without symbols (V8 builtins and stubs, remapped Envoy text)"] += ir
     return (
         {k: v / n for k, v in groups.items()},
         [(k, v / n) for k, v in functions.most_common(25)],
@@ -309,8 +309,8 @@ def measure(tmp: Path, scenario: Scenario, upstream_port: int, variant: str, edi
                     break
                 time.sleep(1)
         result = Measured(variant, sum(r[0] for r in rows) / n, counted)
-        if variant == "tokentap":
-            result.groups, result.profile = attribute(rows, mappings, stack.WASM, n)
+        wasm = stack.WASM if variant.startswith(("tokentap", "no-state", "stage")) else bench.PROBE_WASM
+        result.groups, result.profile = attribute(rows, mappings, wasm, n)
         return result
     finally:
         envoy.proc.stop(timeout=30)
@@ -326,6 +326,8 @@ def variants(opts) -> list[tuple[str, object]]:
     ]
     if opts.stages:
         out += [(f"stage-{s}", bench.stage_edit(s)) for s in bench.STAGES]
+    if opts.variants:
+        out = [(name, edit) for name, edit in out if name in ("without", "empty", *opts.variants)]
     return out
 
 
@@ -343,7 +345,7 @@ def render(results: dict[str, list[Measured]], meta: dict, scenarios: list[Scena
         rows = {m.variant: m for m in results[scenario.name]}
         none = rows["without"].instructions_per_request
         empty = rows["empty"].instructions_per_request - none
-        io = rows["io"].instructions_per_request - none
+        io = rows["io"].instructions_per_request - none if "io" in rows else 0
         lines += [
             f"## {scenario.name}: {scenario.description} ({scenario.requests} requests)",
             "",
@@ -357,11 +359,12 @@ def render(results: dict[str, list[Measured]], meta: dict, scenarios: list[Scena
             lines.append(
                 f"| {m.variant} | {m.instructions_per_request:,.0f} | {added:+,.0f} | {x_empty} | {x_io} |"
             )
-        tokentap = rows["tokentap"]
-        if tokentap.groups:
-            lines += ["", "Where tokentap's instructions went (per request, all code of the proxy):", ""]
-            lines += ["| part | instructions / request |", "|---|---|"]
-            lines += [f"| {k} | {v:,.0f} |" for k, v in sorted(tokentap.groups.items(), key=lambda kv: -kv[1])]
+        tokentap = rows.get("tokentap", Measured("tokentap", 0))
+        parts = sorted({k for m in rows.values() for k in m.groups}, key=lambda k: -tokentap.groups.get(k, 0))
+        lines += ["", "Where the instructions went, per request (all code of the proxy):", ""]
+        lines += ["| part | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+        for part in parts:
+            lines.append(f"| {part} | " + " | ".join(f"{m.groups.get(part, 0):,.0f}" for m in rows.values()) + " |")
         if tokentap.profile:
             lines += ["", "The filter's own wasm functions (self cost per request, top 25):", ""]
             lines += ["| wasm function | instructions / request |", "|---|---|"]
@@ -386,6 +389,9 @@ def parse_args(argv):
     p.add_argument("--stages", action="store_true", help="also the bench-stages ablations")
     p.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=None)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument(
+        "--variants", nargs="+", default=None, help="only these variants (no-filter and empty are always run)"
+    )
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 

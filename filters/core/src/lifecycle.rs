@@ -203,7 +203,7 @@ impl<M: MetricsHost> Gateway<M> {
         let route = observer.route_name();
         let workload = self
             .config
-            .workload_for(route.and_then(|r| std::str::from_utf8(r).ok()), None);
+            .workload_ref(route.and_then(|r| std::str::from_utf8(r).ok()), None);
         let route_label = route.map(|r| self.config.route_label(r));
         let mut overflowed = Overflowed::default();
         let start = self

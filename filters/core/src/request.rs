@@ -567,9 +567,12 @@ impl RequestObserver {
         let cluster_str = cluster_name
             .as_deref()
             .and_then(|c| std::str::from_utf8(c).ok());
-        let workload = config.workload_for(route_str, cluster_str);
+        let workload = config.workload_ref(route_str, cluster_str);
         let request_model_sent = self.request_facts.model.take();
-        let request_model = request_model_sent.clone().or(workload.model);
+        let request_model = match &request_model_sent {
+            Some(sent) => Some(sent.clone()),
+            None => workload.model.map(str::to_owned),
+        };
 
         RequestRecord {
             operation: self.operation,
@@ -595,8 +598,8 @@ impl RequestObserver {
             url_path: self.url_path.take(),
             server_address: self.server_address.take(),
             response_model,
-            route_class: workload.route_class,
-            team: workload.team,
+            route_class: workload.route_class.map(str::to_owned),
+            team: workload.team.map(str::to_owned),
             request_stream: self.request_facts.stream == Some(true),
             streamed,
             request_bytes,

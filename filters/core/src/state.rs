@@ -8,6 +8,7 @@
 //! string. They are written when the response ends, because Envoy runs the
 //! connection manager's access loggers before the filter's own log callback.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use crate::labels::Dimension;
@@ -19,19 +20,20 @@ use crate::trace::SpanStart;
 /// them as `wasm.<key>`.
 pub const KEY: &str = "tokentap";
 
-/// A filter-state value with its JSON type.
+/// A filter-state value with its JSON type. Text borrows the label value
+/// where it can: a request writes a dozen of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Value {
-    Text(String),
+pub enum Value<'a> {
+    Text(Cow<'a, str>),
     Number(u64),
     Bool(bool),
 }
 
-impl Value {
+impl Value<'_> {
     /// The value as plain text (the per-key form).
     pub fn plain(&self) -> String {
         match self {
-            Value::Text(s) => s.clone(),
+            Value::Text(s) => s.to_string(),
             Value::Number(n) => n.to_string(),
             Value::Bool(b) => b.to_string(),
         }
@@ -39,7 +41,7 @@ impl Value {
 }
 
 /// The filter-state values of one request, by name (without the prefix).
-pub type Values = Vec<(&'static str, Value)>;
+pub type Values<'a> = Vec<(&'static str, Value<'a>)>;
 
 /// The full key of a value in the per-key form, e.g. `tokentap.ttft_ms`.
 pub fn field_key(name: &str) -> String {
@@ -53,7 +55,7 @@ pub fn field_key(name: &str) -> String {
 /// let json = summary_json(&[("tenant", Value::Text("42".into())), ("ttft_ms", Value::Number(7))]);
 /// assert_eq!(json, r#"{"tenant":"42","ttft_ms":7}"#);
 /// ```
-pub fn summary_json(values: &[(&'static str, Value)]) -> String {
+pub fn summary_json(values: &[(&'static str, Value<'_>)]) -> String {
     let mut out = String::with_capacity(64 + values.len() * 24);
     out.push('{');
     for (i, (name, value)) in values.iter().enumerate() {
@@ -78,36 +80,52 @@ pub fn summary_json(values: &[(&'static str, Value)]) -> String {
 /// but escaping does not rely on it.
 fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let mut rest = s;
+    // Runs that need no escaping are copied whole (label values always are
+    // one run), found eight bytes at a time; only the bytes that need it are
+    // escaped one by one.
+    loop {
+        let at = crate::json_scan::string_run_len(rest.as_bytes());
+        if at == rest.len() {
+            break;
         }
+        out.push_str(&rest[..at]);
+        match rest.as_bytes()[at] {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b => {
+                let _ = write!(out, "\\u{:04x}", b);
+            }
+        }
+        // The escaped byte is ASCII, so `at + 1` is a character boundary.
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
     out.push('"');
 }
 
 /// The values of a request; absent values are left out.
-pub fn filter_state(
+pub fn filter_state<'a>(
     rec: &RequestRecord,
     labels: &RequestLabels,
-    labeler: &Labeler,
+    labeler: &'a Labeler,
     span: Option<&SpanStart>,
-) -> Values {
-    let label = |d: Dimension| Value::Text(labeler.text(d, labels.get(d)).to_string());
-    let mut out: Values = vec![
+) -> Values<'a> {
+    let label = |d: Dimension| Value::Text(Cow::Borrowed(labeler.text(d, labels.get(d))));
+    // Room for every value a request can have: one allocation.
+    let mut out: Values<'_> = Vec::with_capacity(20);
+    out.extend([
         ("model", label(Dimension::Model)),
         ("tenant", label(Dimension::Tenant)),
         ("route_class", label(Dimension::RouteClass)),
         ("team", label(Dimension::Team)),
-        ("operation", Value::Text(rec.operation.as_str().to_string())),
+        (
+            "operation",
+            Value::Text(Cow::Borrowed(rec.operation.as_str())),
+        ),
         ("streamed", Value::Bool(rec.streamed)),
         ("cache_hit", Value::Bool(rec.cache_hit.is_some())),
-    ];
+    ]);
     let numbers = [
         ("ttfb_ms", rec.ttfb_ms()),
         ("ttft_ms", rec.ttft_ms()),
@@ -130,16 +148,22 @@ pub fn filter_state(
             "none"
         }
     };
-    out.push(("usage_source", Value::Text(source.to_string())));
+    out.push(("usage_source", Value::Text(Cow::Borrowed(source))));
     if let Some(e) = rec.error {
-        out.push(("error_type", Value::Text(e.as_str().to_string())));
+        out.push(("error_type", Value::Text(Cow::Borrowed(e.as_str()))));
     }
     if rec.rag_collection.is_some() {
         out.push(("rag_collection", label(Dimension::Collection)));
     }
     if let Some(span) = span {
-        out.push(("trace_id", Value::Text(span.context.trace_id.to_string())));
-        out.push(("span_id", Value::Text(span.context.span_id.to_string())));
+        out.push((
+            "trace_id",
+            Value::Text(span.context.trace_id.to_string().into()),
+        ));
+        out.push((
+            "span_id",
+            Value::Text(span.context.span_id.to_string().into()),
+        ));
     }
     out
 }

@@ -274,7 +274,7 @@ impl JsonVisitor for ScanRecorder {
                         prefix.len()
                     ));
                 }
-                ScanEvent::Str(p, prefix.to_string(), len)
+                ScanEvent::Str(p, value.as_str().unwrap_or_default().to_string(), len)
             }
             Scalar::Num(text) => {
                 if text.len() > 40 || text.is_empty() {

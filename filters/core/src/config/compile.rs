@@ -2,7 +2,9 @@
 //! function per section, each refusing bad values with an error that names
 //! the field.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::labels::FxHashMap;
 
 use super::raw::{CacheHitHeader, Limits, RagConfig, TenantConfig, TracingConfig, WorkloadEntry};
 use super::{
@@ -38,7 +40,7 @@ impl Config {
             .chain(backends.workloads.values())
             .chain(std::iter::once(&defaults))
             .collect();
-        let mut admissions = HashMap::new();
+        let mut admissions = FxHashMap::default();
         admissions.insert(Dimension::Tenant, tenant_admission);
         admissions.insert(
             Dimension::Route,
@@ -256,9 +258,9 @@ fn configured_values(
 /// The compiled `routes` or `backends` section.
 struct Section {
     /// Workload attributes by route or cluster name.
-    workloads: HashMap<String, Workload>,
+    workloads: FxHashMap<String, Workload>,
     /// Label aliases by route or cluster name, where configured.
-    labels: HashMap<String, String>,
+    labels: FxHashMap<String, String>,
 }
 
 fn section(
@@ -267,8 +269,8 @@ fn section(
     max_len: usize,
 ) -> Result<Section, ConfigError> {
     let mut compiled = Section {
-        workloads: HashMap::new(),
-        labels: HashMap::new(),
+        workloads: FxHashMap::default(),
+        labels: FxHashMap::default(),
     };
     for (key, entry) in entries {
         let field = format!("{name}.{key}");

@@ -13,7 +13,7 @@ mod raw;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use crate::labels::FxHashMap;
 
 use serde::Deserialize;
 
@@ -96,21 +96,29 @@ pub struct Workload {
     pub model: Option<String>,
 }
 
+/// [`Workload`] borrowed from the configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadRef<'a> {
+    pub route_class: Option<&'a str>,
+    pub team: Option<&'a str>,
+    pub model: Option<&'a str>,
+}
+
 /// The validated, compiled configuration used on the request path.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub llm_paths: Vec<(String, Operation)>,
     pub tenant_source: TenantSource,
-    pub admissions: HashMap<Dimension, Admission>,
+    pub admissions: FxHashMap<Dimension, Admission>,
     pub max_value_length: usize,
     pub max_series_per_metric: u32,
-    pub routes: HashMap<String, Workload>,
-    pub backends: HashMap<String, Workload>,
+    pub routes: FxHashMap<String, Workload>,
+    pub backends: FxHashMap<String, Workload>,
     pub defaults: Workload,
     /// Route name -> label value, where configured.
-    pub route_labels: HashMap<String, String>,
+    pub route_labels: FxHashMap<String, String>,
     /// Cluster name -> label value, where configured.
-    pub backend_labels: HashMap<String, String>,
+    pub backend_labels: FxHashMap<String, String>,
     pub inject_include_usage: bool,
     pub max_request_buffer_bytes: usize,
     pub cache_hit_header: Option<(String, Vec<String>)>,
@@ -216,14 +224,25 @@ impl Config {
     /// The workload attributes for a route and backend: route entry first,
     /// then backend entry, then defaults, field by field.
     pub fn workload_for(&self, route: Option<&str>, backend: Option<&str>) -> Workload {
+        let w = self.workload_ref(route, backend);
+        Workload {
+            route_class: w.route_class.map(str::to_owned),
+            team: w.team.map(str::to_owned),
+            model: w.model.map(str::to_owned),
+        }
+    }
+
+    /// [`Config::workload_for`] without copying the values (the request
+    /// path only reads them).
+    pub fn workload_ref(&self, route: Option<&str>, backend: Option<&str>) -> WorkloadRef<'_> {
         let r = route.and_then(|r| self.routes.get(r));
         let b = backend.and_then(|b| self.backends.get(b));
         let pick = |f: fn(&Workload) -> &Option<String>| {
-            r.and_then(|w| f(w).clone())
-                .or_else(|| b.and_then(|w| f(w).clone()))
-                .or_else(|| f(&self.defaults).clone())
+            r.and_then(|w| f(w).as_deref())
+                .or_else(|| b.and_then(|w| f(w).as_deref()))
+                .or_else(|| f(&self.defaults).as_deref())
         };
-        Workload {
+        WorkloadRef {
             route_class: pick(|w| &w.route_class),
             team: pick(|w| &w.team),
             model: pick(|w| &w.model),

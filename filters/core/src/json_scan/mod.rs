@@ -94,10 +94,12 @@ impl<'a> Path<'a> {
 /// A scalar value as seen by the visitor.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Scalar<'a> {
-    /// A string: its first bytes (at most [`MAX_VALUE_PREFIX`], cut on a
-    /// UTF-8 boundary) and its full decoded length in bytes.
+    /// A string: its first decoded bytes (at most [`MAX_VALUE_PREFIX`]) and
+    /// its full decoded length in bytes. [`Scalar::as_str`] gives the prefix
+    /// cut on a UTF-8 boundary; it is only checked when asked for, since
+    /// visitors look at few of the strings they see.
     Str {
-        prefix: &'a str,
+        prefix: &'a [u8],
         len: usize,
     },
     /// A number, as written (bounded), e.g. `"42"`, `"1.5e3"`.
@@ -129,10 +131,11 @@ impl Scalar<'_> {
         }
     }
 
-    /// The string prefix, when the value is a string.
+    /// The string prefix (the longest valid UTF-8 start of it), when the
+    /// value is a string.
     pub fn as_str(&self) -> Option<&str> {
         match self {
-            Scalar::Str { prefix, .. } => Some(prefix),
+            Scalar::Str { prefix, .. } => Some(utf8_prefix(prefix)),
             _ => None,
         }
     }
@@ -358,6 +361,9 @@ impl JsonScanner {
 
     /// Consumes `input`. Once the scanner has failed, further input is ignored.
     pub fn feed<V: JsonVisitor>(&mut self, input: &[u8], visitor: &mut V) {
+        if self.path_keys.capacity() == 0 {
+            self.reserve();
+        }
         let mut i = 0;
         while i < input.len() {
             match self.state {
@@ -382,6 +388,14 @@ impl JsonScanner {
                 }
             }
         }
+    }
+
+    /// Room for a typical document's nesting and keys, taken once: growing
+    /// these one push at a time was most of the cost of a key.
+    fn reserve(&mut self) {
+        self.frames.reserve(MAX_TRACKED_DEPTH);
+        self.path.reserve(MAX_TRACKED_DEPTH);
+        self.path_keys.reserve(MAX_TRACKED_DEPTH * 16);
     }
 
     fn fail(&mut self, err: ScanError) {
@@ -726,7 +740,7 @@ impl JsonScanner {
         let len = self.str_len;
         // The path and the value borrow different fields; the visitor is
         // not part of the scanner, so nothing needs copying.
-        let prefix = utf8_prefix(&self.buf[..self.buf_len]);
+        let prefix = &self.buf[..self.buf_len];
         let path = Path {
             segments: &self.path,
             keys: &self.path_keys,

@@ -32,7 +32,7 @@ fn render_path(path: &Path<'_>) -> String {
 impl JsonVisitor for Collect {
     fn scalar(&mut self, path: &Path<'_>, value: Scalar<'_>) {
         let v = match value {
-            Scalar::Str { prefix, len } => format!("s:{prefix}:{len}"),
+            Scalar::Str { len, .. } => format!("s:{}:{len}", value.as_str().unwrap_or_default()),
             Scalar::Num(n) => format!("n:{n}"),
             Scalar::Bool(b) => format!("b:{b}"),
             Scalar::Null => "null".into(),

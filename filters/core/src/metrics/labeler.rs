@@ -1,6 +1,6 @@
 //! Turns a request's raw values into bounded, interned label ids, once.
 
-use crate::config::{Config, Workload};
+use crate::config::{Config, WorkloadRef};
 use crate::labels::{
     Admission, AdmissionControl, Dimension, LabelTable, Resolved, ValueId, UNKNOWN_ID,
 };
@@ -110,17 +110,13 @@ impl Labeler {
     pub fn start_labels(
         &mut self,
         route_label: Option<&[u8]>,
-        workload: &Workload,
+        workload: &WorkloadRef<'_>,
         overflowed: &mut Overflowed,
     ) -> RequestLabels {
         RequestLabels {
             route: self.resolve(Dimension::Route, route_label, overflowed),
-            route_class: self.resolve_str(
-                Dimension::RouteClass,
-                workload.route_class.as_deref(),
-                overflowed,
-            ),
-            team: self.resolve_str(Dimension::Team, workload.team.as_deref(), overflowed),
+            route_class: self.resolve_str(Dimension::RouteClass, workload.route_class, overflowed),
+            team: self.resolve_str(Dimension::Team, workload.team, overflowed),
             ..RequestLabels::default()
         }
     }

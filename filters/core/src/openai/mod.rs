@@ -132,36 +132,51 @@ struct RequestVisitor<'a> {
 
 impl JsonVisitor for RequestVisitor<'_> {
     fn scalar(&mut self, path: &Path<'_>, value: Scalar<'_>) {
-        if path.matches(&["model"]) {
-            self.facts.model = value.as_str().and_then(keep_text);
-        } else if path.matches(&["stream"]) {
-            self.facts.stream = match value {
-                Scalar::Bool(b) => Some(b),
-                _ => None,
-            };
-        } else if path.matches(&["stream_options"]) {
+        if !path.complete {
+            return;
+        }
+        // One dispatch on depth and keys: a body has many scalars (every
+        // message's role and content) and few that matter.
+        match (path.len(), path.key(0), path.key(1)) {
+            (1, Some(b"model"), _) => self.facts.model = value.as_str().and_then(keep_text),
+            (1, Some(b"stream"), _) => {
+                self.facts.stream = match value {
+                    Scalar::Bool(b) => Some(b),
+                    _ => None,
+                };
+            }
             // `stream_options: null` (or any non-object) still exists: the
             // usage rewrite must replace it, not add a duplicate member.
-            self.facts.has_stream_options = true;
-        } else if path.matches(&["stream_options", "include_usage"]) {
-            self.facts.include_usage = match value {
-                Scalar::Bool(b) => Some(b),
-                _ => None,
-            };
-        } else if path.matches(&["max_tokens"]) || path.matches(&["max_completion_tokens"]) {
-            self.facts.max_tokens = value.as_u64();
-        } else if self.collection_field.is_some_and(|f| path.matches(f)) {
-            self.facts.rag_collection = value.as_str().and_then(keep_text);
-        } else if self.top_k_field.is_some_and(|f| path.matches(f)) {
-            self.facts.rag_top_k = value
-                .as_u64()
-                .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()));
+            (1, Some(b"stream_options"), _) => self.facts.has_stream_options = true,
+            (2, Some(b"stream_options"), Some(b"include_usage")) => {
+                self.facts.include_usage = match value {
+                    Scalar::Bool(b) => Some(b),
+                    _ => None,
+                };
+            }
+            (1, Some(b"max_tokens" | b"max_completion_tokens"), _) => {
+                self.facts.max_tokens = value.as_u64();
+            }
+            _ => self.configured_field(path, value),
         }
     }
 
     fn enter(&mut self, path: &Path<'_>, _kind: Container) {
         if path.matches(&["stream_options"]) {
             self.facts.has_stream_options = true;
+        }
+    }
+}
+
+impl RequestVisitor<'_> {
+    /// The RAG fields, at the paths the configuration names.
+    fn configured_field(&mut self, path: &Path<'_>, value: Scalar<'_>) {
+        if self.collection_field.is_some_and(|f| path.matches(f)) {
+            self.facts.rag_collection = value.as_str().and_then(keep_text);
+        } else if self.top_k_field.is_some_and(|f| path.matches(f)) {
+            self.facts.rag_top_k = value
+                .as_u64()
+                .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()));
         }
     }
 }
@@ -217,25 +232,27 @@ struct ResponseVisitor<'a> {
 
 impl JsonVisitor for ResponseVisitor<'_> {
     fn scalar(&mut self, path: &Path<'_>, value: Scalar<'_>) {
-        if !matches!(
-            path.first_key(),
-            Some(b"choices" | b"usage" | b"model" | b"error")
-        ) {
+        if !path.complete {
             return;
         }
-        if self.facts.usage.absorb(path, &value, &["usage"]) {
-            return;
-        }
-        if path.matches(&["model"]) {
-            self.facts.model = value.as_str().and_then(keep_text);
-        } else if path.matches(&["error", "type"])
-            || (path.matches(&["error", "code"]) && self.facts.error_type.is_none())
-        {
-            self.facts.error_type = value.as_str().and_then(keep_text);
-        } else if path.matches(&["choices", "[]", "finish_reason"]) {
-            if let Some(r) = value.as_str().and_then(keep_text) {
-                self.facts.finish_reason = Some(r);
+        match (path.len(), path.key(0)) {
+            (_, Some(b"usage")) => {
+                self.facts.usage.absorb(path, &value, &["usage"]);
             }
+            (1, Some(b"model")) => self.facts.model = value.as_str().and_then(keep_text),
+            (2, Some(b"error")) => match path.key(1) {
+                Some(b"type") => self.facts.error_type = value.as_str().and_then(keep_text),
+                Some(b"code") if self.facts.error_type.is_none() => {
+                    self.facts.error_type = value.as_str().and_then(keep_text);
+                }
+                _ => {}
+            },
+            (3, Some(b"choices")) if path.is_index(1) && path.key(2) == Some(b"finish_reason") => {
+                if let Some(r) = value.as_str().and_then(keep_text) {
+                    self.facts.finish_reason = Some(r);
+                }
+            }
+            _ => {}
         }
     }
 
