@@ -323,10 +323,13 @@ fn bench(args: &[String]) -> Result {
     let quick: Vec<&str> = args.iter().map(String::as_str).collect();
     for script in [
         "bench/gateway.py",
+        "bench/gateway_instructions.py",
         "bench/gpu_exporter.py",
         "bench/gpu_exporter_churn.py",
     ] {
-        if root().join(script).exists() {
+        if script.ends_with("instructions.py") && !on_path("valgrind") {
+            eprintln!("xtask: {script} skipped: valgrind not found (Debian package `valgrind`)");
+        } else if root().join(script).exists() {
             let mut a = vec![script];
             a.extend(quick.iter().copied());
             python(&a)?;
