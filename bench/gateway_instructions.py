@@ -104,17 +104,21 @@ SCENARIOS = {
 class Measured:
     variant: str
     instructions_per_request: float
+    #: With --cache-sim: Ir + 10 x L1 misses + 100 x last-level misses, the
+    #: cycle estimate of cachegrind and KCachegrind.
+    cycles_per_request: float | None = None
     counted: float | None = None
     profile: list[tuple[str, float]] = field(default_factory=list)
     groups: dict[str, float] = field(default_factory=dict)
 
 
-def valgrind_wrapper(tmp: Path) -> Path:
+def valgrind_wrapper(tmp: Path, cache_sim: bool) -> Path:
     """A script that runs Envoy under callgrind with counting off until asked."""
     wrapper = tmp / "envoy-callgrind.sh"
     wrapper.write_text(
         "#!/bin/sh\n"
         "exec valgrind --tool=callgrind --smc-check=all-non-file --instr-atstart=no "
+        f"--cache-sim={'yes' if cache_sim else 'no'} "
         f"--callgrind-out-file={tmp}/callgrind.out.%p {harness.envoy_binary()} \"$@\"\n"
     )
     wrapper.chmod(0o755)
@@ -152,6 +156,24 @@ def annotate(path: str) -> list[tuple[int, str, str]]:
         if m:
             rows.append((int(m.group(1).replace(",", "")), m.group(3), m.group(4)))
     return rows
+
+
+def estimated_cycles(path: str) -> float | None:
+    """Cycle estimate from a dump's event totals, when caches were simulated."""
+    events: list[str] = []
+    totals: list[int] = []
+    with open(path) as dump:
+        for line in dump:
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith(("totals:", "summary:")):
+                totals = [int(x) for x in line.split()[1:]]
+    counts = dict(zip(events, totals))
+    if "D1mr" not in counts:
+        return None
+    l1 = counts["I1mr"] + counts["D1mr"] + counts["D1mw"]
+    ll = counts["ILmr"] + counts["DLmr"] + counts["DLmw"]
+    return counts["Ir"] + 10 * l1 + 100 * ll
 
 
 def code_mappings(pid: int) -> list[tuple[int, int]]:
@@ -308,7 +330,13 @@ def measure(tmp: Path, scenario: Scenario, upstream_port: int, variant: str, edi
                 if counted >= n + opts.warmup:
                     break
                 time.sleep(1)
-        result = Measured(variant, sum(r[0] for r in rows) / n, counted)
+        cycles = estimated_cycles(dumps[-1])
+        result = Measured(
+            variant,
+            sum(r[0] for r in rows) / n,
+            counted=counted,
+            cycles_per_request=cycles / n if cycles else None,
+        )
         wasm = stack.WASM if variant.startswith(("tokentap", "no-state", "stage")) else bench.PROBE_WASM
         result.groups, result.profile = attribute(rows, mappings, wasm, n)
         return result
@@ -359,6 +387,20 @@ def render(results: dict[str, list[Measured]], meta: dict, scenarios: list[Scena
             lines.append(
                 f"| {m.variant} | {m.instructions_per_request:,.0f} | {added:+,.0f} | {x_empty} | {x_io} |"
             )
+        if rows["without"].cycles_per_request:
+            c_none = rows["without"].cycles_per_request
+            c_empty = rows["empty"].cycles_per_request - c_none
+            lines += [
+                "",
+                "Estimated cycles (simulated caches: Ir + 10 × L1 misses + 100 × last-level misses):",
+                "",
+                "| variant | est. cycles / request | added over no filter | × empty filter |",
+                "|---|---|---|---|",
+            ]
+            for m in rows.values():
+                added = (m.cycles_per_request or 0) - c_none
+                x_empty = f"×{added / c_empty:.1f}" if m.variant != "without" and c_empty > 0 else ""
+                lines.append(f"| {m.variant} | {m.cycles_per_request or 0:,.0f} | {added:+,.0f} | {x_empty} |")
         tokentap = rows.get("tokentap", Measured("tokentap", 0))
         parts = sorted({k for m in rows.values() for k in m.groups}, key=lambda k: -tokentap.groups.get(k, 0))
         lines += ["", "Where the instructions went, per request (all code of the proxy):", ""]
@@ -389,6 +431,9 @@ def parse_args(argv):
     p.add_argument("--stages", action="store_true", help="also the bench-stages ablations")
     p.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=None)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument(
+        "--cache-sim", action="store_true", help="also simulate caches and report estimated cycles (slower)"
+    )
     p.add_argument(
         "--variants", nargs="+", default=None, help="only these variants (no-filter and empty are always run)"
     )
@@ -430,7 +475,7 @@ def main(argv=None) -> int:
         # Upstreams run natively; only the proxy under test is under callgrind.
         chat_upstream = start_fast_upstream(tmp, bench.CHAT_RESPONSE)
         sse_upstream = start_sse_upstream(tmp, build_sse_upstream(bench.target_dir() / "gateway-bench"), bench.SSE_EVENTS)
-        wrapper = valgrind_wrapper(tmp)
+        wrapper = valgrind_wrapper(tmp, opts.cache_sim)
         stack.envoy_binary = lambda: wrapper
         slow_wait = stack.wait_http_ok
         stack.wait_http_ok = lambda url, proc=None, timeout=20.0: slow_wait(url, proc, timeout=300)
