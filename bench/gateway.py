@@ -99,8 +99,9 @@ from gateway_load import (  # noqa: E402
 )
 
 LLM_PATH = "/v1/chat/completions"
-#: Not an LLM path for the filter (it stops at request headers); Envoy routes
-#: it to the same upstream through the catch-all `models` route.
+#: Not an LLM path for the filter (it stops at request headers). With
+#: --profile it gets a route of its own with the filter on (the shipped
+#: catch-all route switches the filter off, which would measure that instead).
 NON_LLM_PATH = "/v1/bench/not-llm"
 #: With --profile, a route added to every proxy (before the catch-all) on
 #: which the filter is disabled per route (`FilterConfig.disabled`).
@@ -209,6 +210,14 @@ def add_disabled_route(config: dict, with_filter: bool) -> None:
     routes.insert(len(routes) - 1, route)
 
 
+def add_non_llm_route(config: dict) -> None:
+    """A route to the same upstream with the filter on, for a path that is
+    not LLM traffic: the filter runs and stops at request headers."""
+    routes = stack.hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
+    route = {"name": "bench-not-llm", "match": {"prefix": NON_LLM_PATH}, "route": {"cluster": "llm_stable"}}
+    routes.insert(len(routes) - 1, route)
+
+
 def probe_edit(probe: str = "", profile: bool = False):
     """The same proxy with the probe filter in tokentap's place: empty (`""`),
     the floor any proxy-wasm filter pays, or repeating one host call
@@ -218,6 +227,7 @@ def probe_edit(probe: str = "", profile: bool = False):
         access_log_to_dev_null(config)
         if profile:
             add_disabled_route(config, True)
+            add_non_llm_route(config)
         wasm = stack.wasm_filter(config)["typed_config"]["config"]
         wasm["vm_config"]["code"]["local"]["filename"] = str(PROBE_WASM)
         wasm["vm_config"]["vm_id"] = "tokentap_probe"
@@ -253,6 +263,7 @@ def proxy_edit(with_filter: bool, tracing_port: int | None = None, filter_state:
         access_log_to_dev_null(config)
         if profile:
             add_disabled_route(config, with_filter)
+            add_non_llm_route(config)
         if not with_filter:
             stack.remove_filter(config)
             return
