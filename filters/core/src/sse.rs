@@ -195,10 +195,25 @@ impl SseFramer {
                     continue;
                 }
             }
+            // Fast path for the `data:` field that starts nearly every line:
+            // what the five bytes and the optional space would do one by one.
+            if self.line == LineState::Start && chunk[i..].starts_with(b"data:") {
+                self.field_name[..4].copy_from_slice(b"data");
+                self.field_name_len = 4;
+                self.field_name_overlong = false;
+                self.begin_field(sink);
+                self.line = LineState::ValueStart;
+                i += 5;
+                if chunk.get(i) == Some(&b' ') {
+                    self.line = LineState::Value;
+                    i += 1;
+                }
+                continue;
+            }
             // Fast path for long data values: hand the whole run to the sink.
             if self.line == LineState::Value && self.field == Field::Data {
                 let rest = &chunk[i..];
-                let run = crate::scan_bytes::find_either(rest, b'\n', b'\r').unwrap_or(rest.len());
+                let run = crate::scan_bytes::find_line_end(rest).unwrap_or(rest.len());
                 if run > 0 {
                     self.data_bytes(&rest[..run], sink);
                     i += run;

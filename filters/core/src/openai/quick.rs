@@ -29,15 +29,12 @@ fn balanced(data: &[u8], k: &mut KeyScan, want_model: bool) -> bool {
                 if k.needs_parse {
                     return false;
                 }
-                // Skip the string: runs of plain bytes at a time, escapes by two.
-                i += 1;
-                loop {
-                    i += crate::json_scan::string_run_len(&data[i..]);
-                    match data.get(i) {
-                        Some(b'"') => break,
-                        Some(b'\\') => i += 2,
-                        _ => return false,
-                    }
+                // Skip the string: runs of plain bytes at a time, escapes
+                // checked (an invalid one is malformed JSON: the full parse
+                // says so).
+                match string_end(data, i + 1) {
+                    Some(end) => i = end,
+                    None => return false,
                 }
             }
             b'{' | b'[' => {
@@ -118,8 +115,14 @@ impl KeyScan {
 /// model name still unknown, or any shape other than the compact one
 /// servers emit. Keys are only looked for where a string opens, so text
 /// inside a string (`\"content\":`) is never taken for structure.
+#[cfg(test)]
 pub(super) fn quick_classify(data: &[u8], want_model: bool) -> Option<Quick> {
-    let data = data.trim_ascii();
+    quick_classify_at(data.trim_ascii(), want_model).map(|(quick, _)| quick)
+}
+
+/// [`quick_classify`] on trimmed data, with where the field that decided
+/// it opens (the index of its value's opening quote).
+pub(super) fn quick_classify_at(data: &[u8], want_model: bool) -> Option<(Quick, usize)> {
     let mut k = KeyScan::default();
     if !(data.starts_with(b"{") && data.ends_with(b"}") && balanced(data, &mut k, want_model)) {
         return None;
@@ -156,10 +159,103 @@ pub(super) fn quick_classify(data: &[u8], want_model: bool) -> Option<Quick> {
     };
     match data.get(field) {
         Some(b'"') => match data.get(field + 1) {
-            Some(b'"') => Some(Quick::Empty),
-            Some(_) => Some(Quick::Content),
+            Some(b'"') => Some((Quick::Empty, field)),
+            Some(_) => Some((Quick::Content, field)),
             None => None,
         },
         _ => None,
     }
+}
+
+/// The last plain content event of a stream, split around its content
+/// string. Servers repeat every byte of a chunk but the content (id, model,
+/// creation time, finish reason `null`), so the next event that has the same
+/// bytes before and after one well-formed, non-empty string is a content
+/// event of the same shape, found by comparing bytes instead of walking its
+/// structure again.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Template {
+    bytes: Vec<u8>,
+    /// `bytes[..prefix]` ends with the content string's opening quote.
+    prefix: usize,
+    /// `bytes[suffix..]` starts with its closing quote.
+    suffix: usize,
+}
+
+impl Template {
+    /// Learns `data` (trimmed), which [`quick_classify_at`] found to be
+    /// content with the string opening at `open`.
+    pub(super) fn learn(&mut self, data: &[u8], open: usize) {
+        self.bytes.clear();
+        if let Some(close) = string_end(data, open + 1) {
+            self.bytes.extend_from_slice(data);
+            self.prefix = open + 1;
+            self.suffix = close;
+        }
+    }
+
+    /// Whether `data` (trimmed) is the learnt event with another non-empty
+    /// content string.
+    pub(super) fn matches(&self, data: &[u8]) -> bool {
+        if self.bytes.is_empty() {
+            return false;
+        }
+        let tail = self.bytes.len() - self.suffix;
+        if data.len() <= self.prefix + tail {
+            return false;
+        }
+        let end = data.len() - tail;
+        same_bytes(&data[..self.prefix], &self.bytes[..self.prefix])
+            && same_bytes(&data[end..], &self.bytes[self.suffix..])
+            && string_end(data, self.prefix) == Some(end)
+    }
+}
+
+/// Index of the quote closing the string whose contents start at `from`;
+/// `None` at a control byte, an invalid escape or the end of the data.
+fn string_end(data: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    loop {
+        i += crate::json_scan::string_run_len(data.get(i..)?);
+        match data.get(i) {
+            Some(b'"') => return Some(i),
+            Some(b'\\') => i += escape_len(&data[i + 1..])?,
+            _ => return None,
+        }
+    }
+}
+
+/// Length of the escape whose backslash precedes `rest` (backslash
+/// included), if it is one JSON allows.
+fn escape_len(rest: &[u8]) -> Option<usize> {
+    match rest.first()? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(2),
+        b'u' => rest
+            .get(1..5)?
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+            .then_some(6),
+        _ => None,
+    }
+}
+
+/// `a == b` eight bytes at a time (a slice comparison is a byte loop in
+/// `wasm32`, which has no `memcmp`).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut words_a = a.chunks_exact(8);
+    let mut words_b = b.chunks_exact(8);
+    for (x, y) in words_a.by_ref().zip(words_b.by_ref()) {
+        let word = |w: &[u8]| {
+            let mut buf = [0u8; 8];
+            buf.copy_from_slice(w);
+            u64::from_le_bytes(buf)
+        };
+        if word(x) != word(y) {
+            return false;
+        }
+    }
+    words_a.remainder() == words_b.remainder()
 }

@@ -2,7 +2,7 @@
 //! response, from the SSE framer and a JSON scan of each event (or the
 //! byte-search fast path for the common small chunk).
 
-use super::quick::{quick_classify, Quick};
+use super::quick::{quick_classify_at, Quick, Template};
 use super::{keep_text, Usage};
 use crate::json_scan::{Container, JsonScanner, JsonVisitor, Path, Scalar, ScanStatus};
 use crate::sse::{DataSink, EventMeta, SseFramer};
@@ -166,6 +166,10 @@ struct StreamSink {
     streaming: bool,
     /// Use the byte-search fast path (tests turn it off to compare).
     quick: bool,
+    /// The last plain content event, for the byte comparison of the next.
+    template: Template,
+    /// Compare with `template` at all (tests turn it off to compare).
+    use_template: bool,
 }
 
 impl Default for StreamSink {
@@ -178,6 +182,8 @@ impl Default for StreamSink {
             pending: Vec::with_capacity(256),
             streaming: false,
             quick: true,
+            template: Template::default(),
+            use_template: true,
         }
     }
 }
@@ -228,7 +234,19 @@ impl DataSink for StreamSink {
             return;
         }
         if !self.streaming && self.quick {
-            match quick_classify(&self.pending, self.facts.model.is_none()) {
+            let data = self.pending.trim_ascii();
+            let quick = if self.use_template && self.template.matches(data) {
+                Some(Quick::Content)
+            } else {
+                match quick_classify_at(data, self.facts.model.is_none()) {
+                    Some((Quick::Content, open)) => {
+                        self.template.learn(data, open);
+                        Some(Quick::Content)
+                    }
+                    other => other.map(|(quick, _)| quick),
+                }
+            };
+            match quick {
                 Some(Quick::Content) => {
                     self.content_event();
                     self.reset_event();
@@ -295,6 +313,16 @@ impl StreamReader {
     pub fn without_fast_path() -> Self {
         let mut r = Self::default();
         r.sink.quick = false;
+        r
+    }
+
+    /// A reader whose fast path classifies every event on its own, without
+    /// comparing it with the previous one (what the comparison is tested
+    /// against).
+    #[cfg(test)]
+    pub(crate) fn without_template() -> Self {
+        let mut r = Self::default();
+        r.sink.use_template = false;
         r
     }
 

@@ -190,6 +190,51 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 
+    /// Events that repeat one chunk's bytes around a content string written
+    /// raw (unescaped quotes, backslashes, brackets, control bytes, nothing):
+    /// comparing each with the previous event decides exactly what
+    /// classifying it on its own decides, well-formed or not. (The fast path
+    /// itself checks balance, strings and escapes, not every token: where
+    /// that differs from the full parse is the documented fast-path
+    /// trade-off, tested above on well-formed streams.)
+    #[test]
+    fn repeated_chunks_classify_as_on_their_own(
+        contents in prop::collection::vec("[a-z\"\\\\{}\\[\\]:,\u{1}é]{0,5}", 1..12),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
+        let mut text = String::from("data: {\"id\":\"c1\",\"model\":\"m\",\"choices\":[]}\n\n");
+        for c in &contents {
+            text.push_str(&format!(
+                "data: {{\"id\":\"c1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{c}\"}},\"finish_reason\":null}}]}}\n\n"
+            ));
+        }
+        let bytes = text.as_bytes();
+        let mut compared = StreamReader::default();
+        let mut alone = StreamReader::without_template();
+        for (i, chunk) in split_at_cuts(bytes, &cuts).into_iter().enumerate() {
+            compared.feed(chunk, i as u64);
+            alone.feed(chunk, i as u64);
+        }
+        prop_assert_eq!(compared.finish().0, alone.finish().0);
+    }
+
+    /// Well-formed content events of one shape after each other: the byte
+    /// comparison finds every one with content, as the full parse does.
+    #[test]
+    fn repeated_well_formed_chunks_agree_with_the_full_parse(
+        tokens in prop::collection::vec("[a-zé日😀 \"\\\\{}:,\u{1}]{0,6}", 1..16),
+    ) {
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let text = chat_stream(&refs, false);
+        let mut fast = StreamReader::default();
+        let mut full = StreamReader::without_fast_path();
+        fast.feed(text.as_bytes(), 1);
+        full.feed(text.as_bytes(), 1);
+        let (a, b) = (fast.finish().0, full.finish().0);
+        prop_assert_eq!(a.content_events, tokens.iter().filter(|t| !t.is_empty()).count() as u64);
+        prop_assert_eq!(a, b);
+    }
+
     /// Any re-chunking of an OpenAI stream gives the same events and usage.
     #[test]
     fn rechunking_gives_the_same_usage(
