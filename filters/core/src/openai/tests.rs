@@ -18,6 +18,20 @@ fn chat_stream(tokens: &[&str], with_usage: bool) -> String {
     s
 }
 
+/// Two readers fed the same chunks (chunk `i` at time `i`); their facts.
+fn read_both(
+    mut a: StreamReader,
+    mut b: StreamReader,
+    bytes: &[u8],
+    cuts: &[prop::sample::Index],
+) -> (StreamFacts, StreamFacts) {
+    for (i, chunk) in split_at_cuts(bytes, cuts).into_iter().enumerate() {
+        a.feed(chunk, i as u64);
+        b.feed(chunk, i as u64);
+    }
+    (a.finish().0, b.finish().0)
+}
+
 #[test]
 fn request_fields_are_read_from_any_chunking() {
     let body = br#"{"model":"mistral-7b","messages":[{"role":"user","content":"hi \"model\": x"}],"stream":true,"stream_options":{"include_usage":false},"max_tokens":32,"rag":{"collection":"handbook","top_k":"5"}}"#;
@@ -178,15 +192,7 @@ proptest! {
         if let Some(g) = garbage {
             text.insert_str(0, &format!("data: {g}\n\n"));
         }
-        let bytes = text.as_bytes();
-        let mut fast = StreamReader::default();
-        let mut full = StreamReader::without_fast_path();
-        for (i, chunk) in split_at_cuts(bytes, &cuts).into_iter().enumerate() {
-            fast.feed(chunk, i as u64);
-            full.feed(chunk, i as u64);
-        }
-        let (a, _) = fast.finish();
-        let (b, _) = full.finish();
+        let (a, b) = read_both(StreamReader::default(), StreamReader::without_fast_path(), text.as_bytes(), &cuts);
         prop_assert_eq!(a, b);
     }
 
@@ -208,14 +214,8 @@ proptest! {
                 "data: {{\"id\":\"c1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{c}\"}},\"finish_reason\":null}}]}}\n\n"
             ));
         }
-        let bytes = text.as_bytes();
-        let mut compared = StreamReader::default();
-        let mut alone = StreamReader::without_template();
-        for (i, chunk) in split_at_cuts(bytes, &cuts).into_iter().enumerate() {
-            compared.feed(chunk, i as u64);
-            alone.feed(chunk, i as u64);
-        }
-        prop_assert_eq!(compared.finish().0, alone.finish().0);
+        let (compared, alone) = read_both(StreamReader::default(), StreamReader::without_template(), text.as_bytes(), &cuts);
+        prop_assert_eq!(compared, alone);
     }
 
     /// Well-formed content events of one shape after each other: the byte
