@@ -198,24 +198,28 @@ def access_log_to_dev_null(config: dict) -> None:
         log["typed_config"]["path"] = "/dev/null"
 
 
-def add_disabled_route(config: dict, with_filter: bool) -> None:
-    """A route to the same upstream on which the filter is switched off per
-    route: what a gateway can do for its non-LLM routes."""
+def add_route_before_catch_all(config: dict, name: str, prefix: str, filter_off: bool = False) -> None:
+    """A route to the same upstream, before the shipped catch-all (which
+    switches the filter off); `filter_off` switches it off on this one too."""
     routes = stack.hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
-    route = {"name": "bench-disabled", "match": {"prefix": DISABLED_PATH}, "route": {"cluster": "llm_stable"}}
-    if with_filter:
+    route = {"name": name, "match": {"prefix": prefix}, "route": {"cluster": "llm_stable"}}
+    if filter_off:
         route["typed_per_filter_config"] = {
             "envoy.filters.http.wasm": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
         }
     routes.insert(len(routes) - 1, route)
 
 
+def add_disabled_route(config: dict, with_filter: bool) -> None:
+    """The filter switched off per route: what a gateway can do for its
+    non-LLM routes."""
+    add_route_before_catch_all(config, "bench-disabled", DISABLED_PATH, filter_off=with_filter)
+
+
 def add_non_llm_route(config: dict) -> None:
-    """A route to the same upstream with the filter on, for a path that is
-    not LLM traffic: the filter runs and stops at request headers."""
-    routes = stack.hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
-    route = {"name": "bench-not-llm", "match": {"prefix": NON_LLM_PATH}, "route": {"cluster": "llm_stable"}}
-    routes.insert(len(routes) - 1, route)
+    """The filter on, for a path that is not LLM traffic: it runs and stops
+    at request headers."""
+    add_route_before_catch_all(config, "bench-not-llm", NON_LLM_PATH)
 
 
 def probe_edit(probe: str = "", profile: bool = False):

@@ -1506,19 +1506,20 @@ pub fn check_plugin_config(data: &[u8]) -> CheckResult {
         check_label("workload model", w.model.as_deref(), max_len)?;
     }
     for (route, w) in &config.routes {
-        let resolved = config.workload_for(Some(route), None);
+        let resolved = config.workload_ref(Some(route), None);
         for (got, own, default) in [
             (
-                &resolved.route_class,
+                resolved.route_class,
                 &w.route_class,
                 &config.defaults.route_class,
             ),
-            (&resolved.team, &w.team, &config.defaults.team),
-            (&resolved.model, &w.model, &config.defaults.model),
+            (resolved.team, &w.team, &config.defaults.team),
+            (resolved.model, &w.model, &config.defaults.model),
         ] {
+            let expected = if own.is_some() { own } else { default };
             ensure!(
-                got == if own.is_some() { own } else { default },
-                "config: workload_for({route:?}) took {got:?}"
+                got == expected.as_deref(),
+                "config: workload_ref({route:?}) took {got:?}"
             );
         }
     }

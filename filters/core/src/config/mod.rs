@@ -148,7 +148,7 @@ impl Config {
     ///     Some(Operation::Chat)
     /// );
     /// assert_eq!(
-    ///     config.workload_for(Some("chat"), None).team.as_deref(),
+    ///     config.workload_ref(Some("chat"), None).team,
     ///     Some("platform-ai")
     /// );
     ///
@@ -222,18 +222,8 @@ impl Config {
     }
 
     /// The workload attributes for a route and backend: route entry first,
-    /// then backend entry, then defaults, field by field.
-    pub fn workload_for(&self, route: Option<&str>, backend: Option<&str>) -> Workload {
-        let w = self.workload_ref(route, backend);
-        Workload {
-            route_class: w.route_class.map(str::to_owned),
-            team: w.team.map(str::to_owned),
-            model: w.model.map(str::to_owned),
-        }
-    }
-
-    /// [`Config::workload_for`] without copying the values (the request
-    /// path only reads them).
+    /// then backend entry, then defaults, field by field (borrowed: the
+    /// request path only reads them).
     pub fn workload_ref(&self, route: Option<&str>, backend: Option<&str>) -> WorkloadRef<'_> {
         let r = route.and_then(|r| self.routes.get(r));
         let b = backend.and_then(|b| self.backends.get(b));

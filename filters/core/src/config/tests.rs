@@ -54,13 +54,13 @@ fn workload_precedence_is_route_then_backend_then_defaults() {
         }"#,
     )
     .unwrap();
-    let w = c.workload_for(Some("chat"), Some("vllm_canary"));
-    assert_eq!(w.route_class.as_deref(), Some("interactive"));
-    assert_eq!(w.team.as_deref(), Some("platform-ai"));
-    assert_eq!(w.model.as_deref(), Some("mistral-7b-canary"));
-    let w = c.workload_for(Some("other"), None);
-    assert_eq!(w.route_class.as_deref(), Some("batch"));
-    assert_eq!(w.team.as_deref(), Some("shared"));
+    let w = c.workload_ref(Some("chat"), Some("vllm_canary"));
+    assert_eq!(w.route_class, Some("interactive"));
+    assert_eq!(w.team, Some("platform-ai"));
+    assert_eq!(w.model, Some("mistral-7b-canary"));
+    let w = c.workload_ref(Some("other"), None);
+    assert_eq!(w.route_class, Some("batch"));
+    assert_eq!(w.team, Some("shared"));
     // Configured default models join the allowed model set.
     match &c.admissions[&Dimension::Model] {
         Admission::Static(v) => assert!(v.contains(&"mistral-7b-canary".to_string())),
