@@ -766,6 +766,10 @@ def test_every_dashboard_query_returns_labelled_data_from_the_real_stack(live_st
     # Histograms appear after Envoy's stats flush (1 s), then a scrape (1 s).
     wait_until(lambda: prom.query('sum(llm_gateway_time_to_first_token_milliseconds_count) > 0')
                and prom.query("sum(llm_gateway_spans_dropped_total) > 0")
+               # Rates need two scrapes of a series: exports are counted when
+               # the collector answers, after the first batch flush.
+               and prom.query("sum(rate(llm_gateway_spans_exported_total[2m])) > 0")
+               and prom.query("sum(rate(llm_gateway_span_exports_total[2m])) > 0")
                and prom.query("sum(llm_runtime_requests_total) > 0")
                and prom.query("sum(llm_gpu_xid_errors_total) > 0")
                and prom.query("llm:kube_pod_workload:info"), timeout=20, interval=0.5, what="samples in Prometheus")
