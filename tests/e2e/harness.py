@@ -35,6 +35,35 @@ WASM = Path(
 )
 
 
+#: The dynamic module, built as it ships (`cargo build --profile module`).
+MODULE = Path(
+    os.environ.get("TOKENTAP_MODULE", TARGET / "module" / "libtokentap_module.so")
+)
+#: Which shell the gateway suites run: `wasm` (default) or `module`.
+SHELL = os.environ.get("TOKENTAP_SHELL", "wasm")
+#: Envoy binaries for the versions the module supports beyond the pinned one
+#: (`cargo xtask setup` installs each into `.venv/envoy-<version>`).
+ENVOY_VERSIONS = ("1.38.3", "1.39.3", "1.40.0")
+
+
+def envoy_binary_for(version: str) -> Path:
+    """The Envoy binary of one supported version."""
+    path = REPO / ".venv" / f"envoy-{version}" / "envoy" / "_bin" / "envoy"
+    if path.exists():
+        return path
+    pinned = envoy_binary()
+    if version in str(envoy_version(pinned)):
+        return pinned
+    raise FileNotFoundError(f"{path} missing: run `cargo xtask setup`")
+
+
+def envoy_version(binary: Path) -> str:
+    import subprocess
+
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
 def bin_path(name: str) -> Path:
     """Path of a workspace binary; fails loudly when it was not built."""
     path = TARGET / PROFILE / name

@@ -17,7 +17,9 @@ from typing import Callable
 import yaml
 
 from harness import (
+    MODULE,
     REPO,
+    SHELL,
     WASM,
     Proc,
     bin_path,
@@ -49,30 +51,89 @@ def render_template(values: dict[str, object], template: Path = ENVOY_DIR / "tok
     return text
 
 
-def wasm_filter(config: dict) -> dict:
-    """The tokentap http_filter entry of a parsed bootstrap."""
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for f in hcm["http_filters"]:
-        if f["name"] == "envoy.filters.http.wasm":
-            return f
-    raise KeyError("no wasm filter in config")
+WASM_FILTER = "envoy.filters.http.wasm"
+MODULE_FILTER = "envoy.filters.http.dynamic_modules"
+#: The module's stats namespace; registered as a custom stat namespace (the
+#: runtime flag below) so /stats/prometheus prints the Wasm build's names.
+MODULE_METRICS_NAMESPACE = "tokentap"
+STRIP_NAMESPACE_FLAG = "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix"
 
 
 def hcm_of(config: dict) -> dict:
     return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
 
+def tokentap_filter(config: dict) -> dict:
+    """The tokentap http_filter entry of a parsed bootstrap, whichever shell."""
+    for f in hcm_of(config)["http_filters"]:
+        if f["name"] in (WASM_FILTER, MODULE_FILTER):
+            return f
+    raise KeyError("no tokentap filter in config")
+
+
+def wasm_filter(config: dict) -> dict:
+    """The Wasm http_filter entry of a parsed bootstrap."""
+    f = tokentap_filter(config)
+    if f["name"] != WASM_FILTER:
+        raise KeyError("no wasm filter in config")
+    return f
+
+
+def _plugin_value(config: dict) -> dict:
+    """The StringValue holding the plugin JSON, in either shell."""
+    f = tokentap_filter(config)["typed_config"]
+    return f["filter_config"] if "filter_config" in f else f["config"]["configuration"]
+
+
 def plugin_config(config: dict) -> dict:
-    return json.loads(wasm_filter(config)["typed_config"]["config"]["configuration"]["value"])
+    return json.loads(_plugin_value(config)["value"])
 
 
 def set_plugin_config(config: dict, plugin: dict) -> None:
-    wasm_filter(config)["typed_config"]["config"]["configuration"]["value"] = json.dumps(plugin)
+    _plugin_value(config)["value"] = json.dumps(plugin)
 
 
 def remove_filter(config: dict) -> None:
     hcm = hcm_of(config)
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in (WASM_FILTER, MODULE_FILTER)]
+
+
+def module_filter(plugin_json: str, filter_name: str = "tokentap", module_path: Path | None = None) -> dict:
+    """The dynamic-module http_filter entry for a plugin configuration."""
+    path = module_path or MODULE
+    name = path.name.removeprefix("lib").removesuffix(".so")
+    return {
+        "name": MODULE_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": name, "do_not_close": True, "metrics_namespace": MODULE_METRICS_NAMESPACE},
+            "filter_name": filter_name,
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin_json},
+        },
+    }
+
+
+def use_module(config: dict, module_path: Path | None = None, filter_name: str = "tokentap") -> None:
+    """Turns a bootstrap rendered for the Wasm filter into one that runs the
+    dynamic module with the same plugin configuration: the filter entry, the
+    per-route switches that name it, and the runtime flag that keeps the
+    metric names bare (`llm_gateway_*`, as the Wasm build prints them)."""
+    hcm = hcm_of(config)
+    for i, f in enumerate(hcm["http_filters"]):
+        if f["name"] == WASM_FILTER:
+            plugin = f["typed_config"]["config"]["configuration"]["value"]
+            hcm["http_filters"][i] = module_filter(plugin, filter_name, module_path)
+    for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
+        for route in vh.get("routes", []):
+            per = route.get("typed_per_filter_config", {})
+            if WASM_FILTER in per:
+                per[MODULE_FILTER] = per.pop(WASM_FILTER)
+    layers = config.setdefault("layered_runtime", {}).setdefault("layers", [])
+    static = next((l for l in layers if "static_layer" in l), None)
+    if static is None:
+        static = {"name": "static", "static_layer": {}}
+        layers.insert(0, static)
+    static["static_layer"][STRIP_NAMESPACE_FLAG] = True
 
 
 def add_cluster(config: dict, name: str, port: int) -> None:
@@ -98,6 +159,7 @@ class Envoy:
     admin_port: int
     config_path: Path
     access_log: Path
+    shell: str = "wasm"
 
     @property
     def url(self) -> str:
@@ -164,7 +226,13 @@ def start_envoy(
     listen_port: int | None = None,
     admin_port: int | None = None,
     log_level: str = "info",
+    shell: str | None = None,
+    envoy_bin: Path | None = None,
+    module_path: Path | None = None,
 ) -> Envoy:
+    """Renders the shipped template and starts Envoy with the tokentap filter
+    in `shell` (`wasm` or `module`; default: `TOKENTAP_SHELL`, else wasm)."""
+    shell = shell or SHELL
     listen_port = listen_port or free_port()
     admin_port = admin_port or free_port()
     access_log = tmp / f"{name}-access.log"
@@ -181,6 +249,11 @@ def start_envoy(
         }
     )
     config = yaml.safe_load(text)
+    module = module_path or MODULE
+    if shell == "module":
+        use_module(config, module)
+    elif shell != "wasm":
+        raise ValueError(f"unknown shell {shell!r} (wasm or module)")
     if edit is not None:
         edit(config)
     path = tmp / f"{name}.yaml"
@@ -188,7 +261,7 @@ def start_envoy(
     proc = Proc(
         name,
         [
-            envoy_binary(),
+            envoy_bin or envoy_binary(),
             "-c",
             path,
             "--concurrency",
@@ -198,11 +271,13 @@ def start_envoy(
             "--log-level",
             log_level,
             "--component-log-level",
-            "wasm:info",
+            "wasm:info,dynamic_modules:info",
         ],
         tmp / f"{name}.log",
+        env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(module.parent)},
     ).start()
     envoy = Envoy(proc, listen_port, admin_port, path, access_log)
+    envoy.shell = shell
     wait_http_ok(f"{envoy.admin}/ready", proc, timeout=30)
     return envoy
 

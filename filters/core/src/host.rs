@@ -26,6 +26,20 @@ pub trait StreamHost: HttpView {
     fn request_body(&self, start: usize, len: usize) -> Option<Vec<u8>>;
     /// Bytes `[start, start + len)` of the current response body chunk.
     fn response_body(&self, start: usize, len: usize) -> Option<Vec<u8>>;
+    /// Hands the first `len` bytes of the request body to `visit`, in as
+    /// many slices as the host holds them. Hosts that can lend their
+    /// buffers (Envoy dynamic modules) override it to avoid the copy.
+    fn visit_request_body(&self, len: usize, visit: &mut dyn FnMut(&[u8])) {
+        if let Some(body) = self.request_body(0, len) {
+            visit(&body);
+        }
+    }
+    /// [`StreamHost::visit_request_body`] for the current response chunk.
+    fn visit_response_body(&self, len: usize, visit: &mut dyn FnMut(&[u8])) {
+        if let Some(body) = self.response_body(0, len) {
+            visit(&body);
+        }
+    }
     /// Replaces the first `len` bytes of the request body.
     fn replace_request_body(&mut self, len: usize, body: &[u8]);
     fn set_request_header(&mut self, name: &str, value: &str);

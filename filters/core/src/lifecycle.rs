@@ -183,6 +183,12 @@ impl<M: MetricsHost> Gateway<M> {
         &self.stats
     }
 
+    /// The metrics host, for shells whose host needs per-call context
+    /// (a dynamic module publishes through the stream at hand).
+    pub fn metrics_host_mut(&mut self) -> &mut M {
+        &mut self.stats
+    }
+
     /// How often the shell must call [`Gateway::tick`].
     pub fn tick_period_ms(&self) -> u32 {
         if self.tracer.is_some() {
@@ -249,13 +255,13 @@ impl<M: MetricsHost> Gateway<M> {
             return BodyAction::Continue;
         }
         if !s.observer.wants_request_buffering() {
-            let chunk = if body_size > 0 {
-                host.request_body(0, body_size).unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            if body_size > 0 || end_of_stream {
-                s.observer.request_body(&chunk, end_of_stream);
+            if body_size > 0 {
+                host.visit_request_body(body_size, &mut |chunk| {
+                    s.observer.request_body(chunk, false);
+                });
+            }
+            if end_of_stream {
+                s.observer.request_body(&[], true);
             }
             return BodyAction::Continue;
         }
@@ -337,8 +343,9 @@ impl<M: MetricsHost> Gateway<M> {
         if !reads {
             s.observer.response_body_skipped(body_size);
         } else if body_size > 0 {
-            let chunk = host.response_body(0, body_size).unwrap_or_default();
-            s.observer.response_body(&chunk, now);
+            host.visit_response_body(body_size, &mut |chunk| {
+                s.observer.response_body(chunk, now);
+            });
         }
         if end_of_stream {
             s.observer.response_end();

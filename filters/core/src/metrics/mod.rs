@@ -43,6 +43,34 @@ pub fn encode_stat_name(out: &mut String, name: &str, labels: &[(&str, &str)]) {
     out.push_str(name);
 }
 
+/// Splits a stat name made by [`encode_stat_name`] back into the metric name
+/// and its label fields, for hosts whose stats take labels as tags (Envoy
+/// dynamic modules). `None` when the name is not in that encoding. Label
+/// values are sanitised (`[A-Za-z0-9._:/-]`), so the separators cannot occur
+/// inside one and the split is unambiguous.
+///
+/// ```
+/// use tokentap_core::metrics::{decode_stat_name, encode_stat_name};
+/// let mut name = String::new();
+/// encode_stat_name(&mut name, "llm_gateway_requests_total", &[("route", "chat"), ("status", "200")]);
+/// let (metric, labels) = decode_stat_name(&name).unwrap();
+/// assert_eq!(metric, "llm_gateway_requests_total");
+/// assert_eq!(labels, vec![("route", "chat"), ("status", "200")]);
+/// ```
+pub fn decode_stat_name(encoded: &str) -> Option<(&str, Vec<(&str, &str)>)> {
+    let mut labels = Vec::new();
+    let mut rest = encoded;
+    while let Some(end) = rest.find(";.;") {
+        let (key, value) = rest[..end].split_once("=.=")?;
+        labels.push((key, value));
+        rest = &rest[end + 3..];
+    }
+    if rest.is_empty() || rest.contains("=.=") {
+        return None;
+    }
+    Some((rest, labels))
+}
+
 fn push_label(out: &mut String, key: &str, value: &str) {
     out.push_str(key);
     out.push_str("=.=");

@@ -232,3 +232,44 @@ fn every_family_name_follows_prometheus_conventions() {
         }
     }
 }
+
+mod stat_name_codec {
+    use crate::labels::sanitize;
+    use crate::metrics::{decode_stat_name, encode_stat_name};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a request sends, the sanitised label values make names
+        /// that decode to exactly what was encoded.
+        #[test]
+        fn decoding_inverts_encoding(
+            raw in proptest::collection::vec((any::<Vec<u8>>(), "[a-z_]{1,12}"), 0..6),
+            metric in "[a-z_]{1,40}",
+        ) {
+            let labels: Vec<(String, String)> = raw
+                .iter()
+                .filter_map(|(v, k)| Some((k.clone(), sanitize(v, 64)?)))
+                .collect();
+            let pairs: Vec<(&str, &str)> =
+                labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut name = String::new();
+            encode_stat_name(&mut name, &metric, &pairs);
+            let (m, decoded) = decode_stat_name(&name).unwrap();
+            prop_assert_eq!(m, metric.as_str());
+            prop_assert_eq!(decoded, pairs);
+        }
+    }
+
+    #[test]
+    fn names_outside_the_encoding_are_refused() {
+        assert_eq!(decode_stat_name(""), None);
+        assert_eq!(decode_stat_name("route=.=chat;.;"), None, "no metric name");
+        assert_eq!(
+            decode_stat_name("route=chat;.;x"),
+            None,
+            "field without =.="
+        );
+        assert_eq!(decode_stat_name("a=.=b"), None);
+        assert_eq!(decode_stat_name("plain"), Some(("plain", vec![])));
+    }
+}
