@@ -28,6 +28,8 @@ class Script:
     content_length: bool = False
     #: Close the connection abruptly (RST) after this many chunks.
     reset_after: int | None = None
+    #: Close the connection abruptly (RST) instead of answering at all.
+    reset_before_headers: bool = False
 
     @property
     def body(self) -> bytes:
@@ -88,6 +90,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
 
     def _respond(self, sock: socket.socket, s: Script) -> bool:
+        if s.reset_before_headers:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()
+            return False
         reason = {200: "OK", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}.get(
             s.status, "Status"
         )

@@ -10,7 +10,8 @@ alert that cover it expect:
 * longer prompts     -> prompt-token histogram shifts up, TTFT up through
                         prefill (LLMSlowFirstToken)
 * runtime restart    -> the stream in flight breaks (upstream_reset), requests
-                        during the restart get Envoy's 503 (gateway_reply),
+                        during the restart get Envoy's 503 (upstream_unavailable:
+                        connection refused, not a timeout),
                         then 200s again (LLMCanaryErrorRegression when it is
                         the canary; pod restarts panel)
 * vector-store outage-> llm_rag_errors_total{reason="vector_store_unreachable"},
@@ -160,7 +161,10 @@ def test_drill_runtime_restart_breaks_streams_then_recovers(logdir, wasm_path):
         envoy.flush_wait()  # the filter publishes its metrics on its tick
         s = _scrape(envoy)
         assert s.value("llm_gateway_errors_total", route="chat", error_type="upstream_reset") == 1
-        assert s.value("llm_gateway_errors_total", route="chat", error_type="gateway_reply") == 3
+        # The runtime's port is closed: nothing to reach, which is what the
+        # clients were told (their 503 body says upstream_unavailable).
+        assert s.value("llm_gateway_errors_total", route="chat", error_type="upstream_unavailable") == 3
+        assert [r.json()["error"]["type"] for r in during] == ["upstream_unavailable"] * 3
         assert s.value("llm_gateway_requests_total", route="chat", status="503") == 3
         assert s.value("llm_gateway_requests_total", route="chat", status="200") == 3  # first, cut stream, after
         assert s.value("llm_gateway_active_requests", route="chat") == 0

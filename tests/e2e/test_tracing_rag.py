@@ -236,7 +236,7 @@ def test_gateway_generated_failures_are_openai_style_json(logdir, wasm_path):
         assert "unavailable" in err["message"]
         envoy.flush_wait()
         scrape = parse_exposition(envoy.stats_prometheus())
-        assert scrape.value("llm_gateway_errors_total", error_type="gateway_reply") == 1
+        assert scrape.value("llm_gateway_errors_total", error_type="upstream_unavailable") == 1
     finally:
         envoy.stop()
 

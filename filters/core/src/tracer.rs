@@ -292,8 +292,9 @@ pub fn build_span(
             (None, Some(s)) => format!("{} (HTTP {s})", e.as_str()),
             (None, None) => e.as_str().to_string(),
         };
-        if e == ErrorType::Upstream4xx {
-            // The caller's request was refused; the gateway itself worked.
+        if matches!(e, ErrorType::Upstream4xx | ErrorType::RateLimited) {
+            // The caller's request was refused (by the runtime, or by the
+            // gateway's rate limit); the gateway itself worked.
             span.set_attribute("error.type", e.as_str());
         } else {
             span.set_error(e.as_str(), message);

@@ -42,20 +42,32 @@ macro_rules! vocabulary {
 }
 
 vocabulary! {
-    /// Why a request failed (`error_type`).
+    /// Why a request failed (`error_type`, and the span's `error.type`).
+    /// Each value is one thing the client can tell apart; `docs/metrics.md`
+    /// ("Error types") maps Envoy's response flags and details to them.
     ErrorType {
         /// The runtime answered 5xx.
         Upstream5xx => "upstream_5xx",
         /// The runtime answered 4xx.
         Upstream4xx => "upstream_4xx",
-        /// The upstream connection broke after the response started.
+        /// No runtime could be reached: connection refused or timed out, no
+        /// healthy upstream, no cluster, DNS failure. Envoy answered 503.
+        UpstreamUnavailable => "upstream_unavailable",
+        /// The gateway shed load before a runtime saw the request: circuit
+        /// breaker overflow, overload manager, drop_overload. 503.
+        Overloaded => "overloaded",
+        /// Envoy's rate limit refused the request (429 from the gateway).
+        RateLimited => "rate_limited",
+        /// A request that was being served ran out of time: route, per-try,
+        /// stream idle or max duration timeout.
+        Timeout => "timeout",
+        /// The runtime's connection or stream broke after it was reached,
+        /// before the response (Envoy answered 503) or during it.
         UpstreamReset => "upstream_reset",
         /// The client went away before the response finished.
         ClientAbort => "client_abort",
-        /// A route, per-try, idle or duration timeout fired.
-        Timeout => "timeout",
-        /// Envoy answered itself: no healthy upstream, connect failure, no
-        /// route, rate limit, overload, ...
+        /// Envoy answered itself for any other reason: no route, fault
+        /// injection, denied by an auth filter, invalid request, ...
         GatewayReply => "gateway_reply",
         /// The stream carried an `error` object mid-stream.
         StreamError => "stream_error",

@@ -103,40 +103,247 @@ fn compressed_and_malformed_bodies_are_counted_not_parsed() {
     assert_eq!(rec.usage_source, UsageSource::None);
 }
 
+/// What Envoy 1.40 reports for each way a request ends (status, details,
+/// flags, as its access log shows them; the e2e suite drives each through a
+/// real Envoy) and the class it must get.
 #[test]
 fn error_classification() {
     use response_flags::*;
     let c = |s, d, f| classify_error(Some(s), Some(d), f, false, false);
-    assert_eq!(c(503, "via_upstream", 0), Some(ErrorType::Upstream5xx));
-    assert_eq!(c(429, "via_upstream", 0), Some(ErrorType::Upstream4xx));
-    assert_eq!(c(200, "via_upstream", 0), None);
-    assert_eq!(
-        c(503, "no_healthy_upstream", 0),
-        Some(ErrorType::GatewayReply)
+    let refused = concat!(
+        "upstream_reset_before_response_started",
+        "{remote_connection_failure|delayed_connect_error:_Connection_refused}"
     );
-    assert_eq!(
-        c(
+    let cases: &[(u16, &str, u64, Option<ErrorType>)] = &[
+        (200, "via_upstream", 0, None),
+        (503, "via_upstream", 0, Some(ErrorType::Upstream5xx)),
+        (429, "via_upstream", 0, Some(ErrorType::Upstream4xx)),
+        // Connection refused, and a connect timeout: nothing was reached.
+        // The connect timeout is no `timeout` (the old, wrong answer).
+        (
+            503,
+            refused,
+            UPSTREAM_CONNECTION_FAILURE,
+            Some(ErrorType::UpstreamUnavailable),
+        ),
+        (
+            503,
+            "upstream_reset_before_response_started{connection_timeout}",
+            UPSTREAM_CONNECTION_FAILURE,
+            Some(ErrorType::UpstreamUnavailable),
+        ),
+        (
             503,
             "upstream_reset_before_response_started{connection_failure}",
-            0
+            UPSTREAM_CONNECTION_FAILURE,
+            Some(ErrorType::UpstreamUnavailable),
         ),
-        Some(ErrorType::GatewayReply)
-    );
-    assert_eq!(
-        c(
+        (
+            503,
+            "no_healthy_upstream",
+            NO_HEALTHY_UPSTREAM,
+            Some(ErrorType::UpstreamUnavailable),
+        ),
+        (
+            503,
+            "cluster_not_found",
+            NO_CLUSTER_FOUND,
+            Some(ErrorType::UpstreamUnavailable),
+        ),
+        // Circuit breaker overflow and the other ways of shedding load.
+        (
+            503,
+            "upstream_reset_before_response_started{overflow}",
+            UPSTREAM_OVERFLOW,
+            Some(ErrorType::Overloaded),
+        ),
+        (
+            503,
+            "maintenance_mode",
+            UPSTREAM_OVERFLOW,
+            Some(ErrorType::Overloaded),
+        ),
+        (
+            503,
+            "overload",
+            OVERLOAD_MANAGER,
+            Some(ErrorType::Overloaded),
+        ),
+        (
+            503,
+            "drop_overload",
+            DROP_OVERLOAD,
+            Some(ErrorType::Overloaded),
+        ),
+        (
+            429,
+            "local_rate_limited",
+            RATE_LIMITED,
+            Some(ErrorType::RateLimited),
+        ),
+        (
+            429,
+            "request_rate_limited",
+            RATE_LIMITED,
+            Some(ErrorType::RateLimited),
+        ),
+        // Timeouts of a request that was being served.
+        (
+            504,
+            "response_timeout",
+            UPSTREAM_REQUEST_TIMEOUT,
+            Some(ErrorType::Timeout),
+        ),
+        (
+            504,
+            "upstream_per_try_timeout",
+            UPSTREAM_REQUEST_TIMEOUT,
+            Some(ErrorType::Timeout),
+        ),
+        (
             200,
-            "upstream_reset_after_response_started{remote_reset}",
-            0
+            "stream_idle_timeout",
+            STREAM_IDLE_TIMEOUT,
+            Some(ErrorType::Timeout),
         ),
-        Some(ErrorType::UpstreamReset)
+        (
+            408,
+            "stream_idle_timeout",
+            STREAM_IDLE_TIMEOUT,
+            Some(ErrorType::Timeout),
+        ),
+        (
+            200,
+            "upstream_max_stream_duration_reached",
+            UPSTREAM_MAX_STREAM_DURATION_REACHED,
+            Some(ErrorType::Timeout),
+        ),
+        (
+            504,
+            "max_duration_timeout",
+            DURATION_TIMEOUT,
+            Some(ErrorType::Timeout),
+        ),
+        // The runtime was reached, then its connection broke.
+        (
+            503,
+            "upstream_reset_before_response_started{connection_termination}",
+            UPSTREAM_CONNECTION_TERMINATION,
+            Some(ErrorType::UpstreamReset),
+        ),
+        (
+            503,
+            "upstream_reset_before_response_started{remote_reset}",
+            UPSTREAM_REMOTE_RESET,
+            Some(ErrorType::UpstreamReset),
+        ),
+        (
+            502,
+            "upstream_reset_before_response_started{protocol_error}",
+            UPSTREAM_PROTOCOL_ERROR,
+            Some(ErrorType::UpstreamReset),
+        ),
+        (
+            200,
+            "upstream_reset_after_response_started{connection_termination}",
+            UPSTREAM_CONNECTION_TERMINATION,
+            Some(ErrorType::UpstreamReset),
+        ),
+        // The client left first, whatever else happened.
+        (
+            200,
+            "via_upstream",
+            DOWNSTREAM_CONNECTION_TERMINATION,
+            Some(ErrorType::ClientAbort),
+        ),
+        (
+            0,
+            "downstream_remote_disconnect",
+            0,
+            Some(ErrorType::ClientAbort),
+        ),
+        (
+            503,
+            "upstream_reset_before_response_started{connection_timeout}",
+            UPSTREAM_CONNECTION_FAILURE | DOWNSTREAM_REMOTE_RESET,
+            Some(ErrorType::ClientAbort),
+        ),
+        // Any other local reply.
+        (
+            404,
+            "route_not_found",
+            NO_ROUTE_FOUND,
+            Some(ErrorType::GatewayReply),
+        ),
+        (
+            503,
+            "fault_filter_abort",
+            FAULT_INJECTED,
+            Some(ErrorType::GatewayReply),
+        ),
+        (
+            413,
+            "request_payload_too_large",
+            0,
+            Some(ErrorType::GatewayReply),
+        ),
+        (200, "direct_response", 0, None),
+        // Retries: the details name the reply the client got; the flags of
+        // the earlier tries do not change it.
+        (
+            503,
+            "via_upstream",
+            UPSTREAM_REQUEST_TIMEOUT | UPSTREAM_RETRY_LIMIT_EXCEEDED,
+            Some(ErrorType::Upstream5xx),
+        ),
+        (200, "via_upstream", UPSTREAM_CONNECTION_FAILURE, None),
+        (
+            504,
+            "response_timeout",
+            UPSTREAM_CONNECTION_FAILURE | UPSTREAM_REQUEST_TIMEOUT,
+            Some(ErrorType::Timeout),
+        ),
+        // Details an extension wrote: the flags decide.
+        (
+            503,
+            "some_filter_said_no",
+            UPSTREAM_CONNECTION_FAILURE,
+            Some(ErrorType::UpstreamUnavailable),
+        ),
+        (
+            503,
+            "some_filter_said_no",
+            UPSTREAM_OVERFLOW,
+            Some(ErrorType::Overloaded),
+        ),
+        (
+            503,
+            "some_filter_said_no",
+            UPSTREAM_RETRY_LIMIT_EXCEEDED,
+            Some(ErrorType::UpstreamUnavailable),
+        ),
+        (
+            504,
+            "some_filter_said_no",
+            UPSTREAM_REQUEST_TIMEOUT,
+            Some(ErrorType::Timeout),
+        ),
+    ];
+    for &(status, details, flags, want) in cases {
+        assert_eq!(
+            c(status, details, flags),
+            want,
+            "{status} {details} {flags:#x}"
+        );
+    }
+    // No details at all (the attribute was unavailable): flags, else status.
+    assert_eq!(
+        classify_error(Some(503), None, NO_HEALTHY_UPSTREAM, false, false),
+        Some(ErrorType::UpstreamUnavailable)
     );
     assert_eq!(
-        c(504, "response_timeout", UPSTREAM_REQUEST_TIMEOUT),
-        Some(ErrorType::Timeout)
-    );
-    assert_eq!(
-        c(200, "via_upstream", DOWNSTREAM_CONNECTION_TERMINATION),
-        Some(ErrorType::ClientAbort)
+        classify_error(Some(503), None, 0, false, false),
+        Some(ErrorType::Upstream5xx)
     );
     assert_eq!(
         classify_error(Some(200), Some("via_upstream"), 0, true, false),
@@ -146,6 +353,62 @@ fn error_classification() {
         classify_error(Some(200), Some("via_upstream"), 0, false, true),
         Some(ErrorType::UpstreamReset)
     );
+}
+
+/// The flag bits are `1 << CoreResponseFlag` in the order of Envoy's enum
+/// (`envoy/stream_info/stream_info.h`): 30 flags, one bit each, none shared.
+#[test]
+fn response_flag_bits_follow_envoys_enum_order() {
+    use response_flags::*;
+    let in_enum_order = [
+        FAILED_LOCAL_HEALTH_CHECK,
+        NO_HEALTHY_UPSTREAM,
+        UPSTREAM_REQUEST_TIMEOUT,
+        LOCAL_RESET,
+        UPSTREAM_REMOTE_RESET,
+        UPSTREAM_CONNECTION_FAILURE,
+        UPSTREAM_CONNECTION_TERMINATION,
+        UPSTREAM_OVERFLOW,
+        NO_ROUTE_FOUND,
+        DELAY_INJECTED,
+        FAULT_INJECTED,
+        RATE_LIMITED,
+        UNAUTHORIZED_EXTERNAL_SERVICE,
+        RATE_LIMIT_SERVICE_ERROR,
+        DOWNSTREAM_CONNECTION_TERMINATION,
+        UPSTREAM_RETRY_LIMIT_EXCEEDED,
+        STREAM_IDLE_TIMEOUT,
+        INVALID_ENVOY_REQUEST_HEADERS,
+        DOWNSTREAM_PROTOCOL_ERROR,
+        UPSTREAM_MAX_STREAM_DURATION_REACHED,
+        RESPONSE_FROM_CACHE_FILTER,
+        NO_FILTER_CONFIG_FOUND,
+        DURATION_TIMEOUT,
+        UPSTREAM_PROTOCOL_ERROR,
+        NO_CLUSTER_FOUND,
+        OVERLOAD_MANAGER,
+        DNS_RESOLUTION_FAILED,
+        DROP_OVERLOAD,
+        DOWNSTREAM_REMOTE_RESET,
+        UNCONDITIONAL_DROP_OVERLOAD,
+    ];
+    for (n, bit) in in_enum_order.iter().enumerate() {
+        assert_eq!(*bit, 1u64 << n, "flag {n}");
+    }
+    // The groups the classifier uses do not overlap.
+    let groups = [
+        CLIENT_ABORT,
+        UNAVAILABLE,
+        OVERLOADED,
+        TIMEOUT,
+        RESET,
+        RATE_LIMITED,
+    ];
+    for (i, a) in groups.iter().enumerate() {
+        for b in &groups[i + 1..] {
+            assert_eq!(a & b, 0);
+        }
+    }
 }
 
 #[test]
