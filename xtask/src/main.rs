@@ -64,8 +64,9 @@ const USAGE: &str = "usage: cargo xtask <command>
            print what the gateway, the exporter and the traces saw
   up       start the same stack and keep it running; OpenAI endpoint on
            http://127.0.0.1:10000/v1, Envoy admin on 127.0.0.1:9901
-  test     run every test (cargo test --workspace, then the pytest e2e
-           suites against the real binaries); extra args go to pytest
+  test     run every test (cargo test --workspace, tokentap-core's tests
+           again compiled for wasm32-wasip1 and run under Wasmtime, then the
+           pytest e2e suites against the real binaries); extra args go to pytest
   lint     cargo fmt --check and clippy -D warnings for the host and wasm
   bench    gateway overhead (Envoy with vs without the filter) and
            gpu-exporter cost; `--quick` for a short smoke run
@@ -274,11 +275,37 @@ fn test(pytest_args: &[String]) -> Result {
     setup()?;
     build()?;
     run(Command::new(cargo()).args(["test", "--workspace"]))?;
+    test_core_wasm()?;
     let mut cmd = Command::new(venv_python());
     cmd.args(["-m", "pytest", "tests/e2e", "-q", "-p", "no:cacheprovider"])
         .args(pytest_args)
         .env("PYTHONUNBUFFERED", "1");
     run(&mut cmd)
+}
+
+/// tokentap-core's unit, property, corpus and doc tests compiled for the
+/// target the filter ships on (32-bit `usize`, wasm formatting), each
+/// test binary run under Wasmtime by `xtask/wasi_runner.py` (PyPI
+/// `wasmtime`, in the venv). See docs/design.md, "What runs where".
+fn test_core_wasm() -> Result {
+    let toml_str = |p: PathBuf| {
+        let p = p.display().to_string();
+        format!("\"{}\"", p.replace('\\', "\\\\").replace('"', "\\\""))
+    };
+    let runner = format!(
+        "target.{WASM_TARGET}.runner=[{}, {}]",
+        toml_str(venv_python()),
+        toml_str(root().join("xtask").join("wasi_runner.py"))
+    );
+    run(Command::new(cargo()).args([
+        "test",
+        "--config",
+        runner.as_str(),
+        "-p",
+        "tokentap-core",
+        "--target",
+        WASM_TARGET,
+    ]))
 }
 
 fn lint() -> Result {
