@@ -10,11 +10,35 @@ from pathlib import Path
 
 import pytest
 
-from harness import WASM
+from harness import SHELL, WASM
+
+#: Suites that drive traffic through the tokentap filter in Envoy. `cargo
+#: xtask test` runs them once per shell (TOKENTAP_SHELL=wasm, then module),
+#: with the same assertions.
+GATEWAY_SUITES = {
+    "test_gateway_metrics",
+    "test_gateway_robustness",
+    "test_tracing_rag",
+    "test_self_monitoring",
+    "test_error_types",
+}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gateway: needs Envoy and the built filter")
+    config.addinivalue_line("markers", "gateway: needs Envoy and the built filter (runs once per shell)")
+    config.addinivalue_line(
+        "markers", "wasm_only(reason): checks something only the proxy-wasm shell has (skipped under TOKENTAP_SHELL=module)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in GATEWAY_SUITES:
+            item.add_marker(pytest.mark.gateway)
+        wasm_only = item.get_closest_marker("wasm_only")
+        if wasm_only is not None and SHELL != "wasm":
+            why = wasm_only.kwargs.get("reason") or (wasm_only.args[0] if wasm_only.args else "proxy-wasm only")
+            item.add_marker(pytest.mark.skip(reason=f"{SHELL} shell: {why}"))
 
 
 @pytest.fixture(scope="session")

@@ -274,12 +274,26 @@ def start_envoy(
             "wasm:info,dynamic_modules:info",
         ],
         tmp / f"{name}.log",
-        env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(module.parent)},
+        env=_envoy_env(config, module, shell),
     ).start()
     envoy = Envoy(proc, listen_port, admin_port, path, access_log)
     envoy.shell = shell
     wait_http_ok(f"{envoy.admin}/ready", proc, timeout=30)
     return envoy
+
+
+def _envoy_env(config: dict, module: Path, shell: str) -> dict[str, str]:
+    """Envoy's environment. The module cannot read Envoy's node metadata, so
+    for it the pod's identity comes from the environment, as Kubernetes'
+    Downward API gives it (`POD_NAME`, `POD_NAMESPACE`); the Wasm filter
+    reads the same values from node metadata (`NAME`, `NAMESPACE`)."""
+    env = {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(module.parent)}
+    if shell == "module":
+        meta = config.get("node", {}).get("metadata", {})
+        for key, var in (("NAME", "POD_NAME"), ("NAMESPACE", "POD_NAMESPACE")):
+            if key in meta:
+                env[var] = str(meta[key])
+    return env
 
 
 @dataclass

@@ -320,6 +320,10 @@ def test_collector_outage_costs_no_latency_and_no_memory(logdir, wasm_path):
         sim.stop()
 
 
+@pytest.mark.wasm_only(
+    "the module applies a collector's answers at its worker's next request (Envoy gives modules no worker "
+    "timer); test_module.py::test_collector_answers_reach_the_counters_at_the_next_request covers it"
+)
 def test_collector_answering_5xx_is_counted(logdir, wasm_path):
     with OtlpReceiver() as collector:
         collector.respond_with(503)

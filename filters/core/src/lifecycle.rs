@@ -353,6 +353,15 @@ impl<M: MetricsHost> Gateway<M> {
         }
     }
 
+    /// Drops a session without telemetry (the shell could not finish it,
+    /// e.g. after a caught panic): only its in-flight gauge is taken back.
+    pub fn abandon(&mut self, mut s: Session) {
+        if !s.done {
+            s.done = true;
+            self.active(&s.start, -1);
+        }
+    }
+
     /// Envoy's log callback: completes requests whose response never ended
     /// (client aborts, upstream resets).
     pub fn finish(&mut self, mut s: Session, host: &mut dyn StreamHost, clock: &dyn Clock) {
@@ -434,7 +443,20 @@ impl<M: MetricsHost> Gateway<M> {
     /// The VM's tick: sends span batches that are due and publishes every
     /// metric change since the last tick.
     pub fn tick(&mut self, now_ns: u64, sender: &mut dyn ExportSender) {
-        self.export_due(now_ns / 1_000_000, sender);
+        self.export_due(now_ns / 1_000_000, sender, false);
+        self.publish();
+    }
+
+    /// [`Gateway::tick`] that also sends every queued span, due or not: for
+    /// a shell with no timer of its own, when nothing may call it for a
+    /// while (a dynamic module's worker with no request in flight).
+    pub fn tick_and_drain(&mut self, now_ns: u64, sender: &mut dyn ExportSender) {
+        self.export_due(now_ns / 1_000_000, sender, true);
+        self.publish();
+    }
+
+    /// Tracer counters and every metric change since the last tick, to Envoy.
+    fn publish(&mut self) {
         self.publish_tracing();
         self.store.flush(&mut self.stats);
         if self.store.host_errors > 0 {
@@ -445,13 +467,20 @@ impl<M: MetricsHost> Gateway<M> {
         }
     }
 
-    fn export_due(&mut self, now_ms: u64, sender: &mut dyn ExportSender) {
+    fn export_due(&mut self, now_ms: u64, sender: &mut dyn ExportSender, drain: bool) {
         let Some(tracer) = self.tracer.as_mut() else {
             return;
         };
         let target = tracer.target().clone();
         let mut refused = false;
-        while let Some((id, body)) = tracer.next_export(now_ms) {
+        let next = |t: &mut Tracer| {
+            if drain {
+                t.next_export_now(now_ms)
+            } else {
+                t.next_export(now_ms)
+            }
+        };
+        while let Some((id, body)) = next(tracer) {
             match sender.send(&target, &body) {
                 Some(token) => {
                     self.pending_exports.insert(token, id);

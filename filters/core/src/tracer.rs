@@ -136,6 +136,13 @@ impl Tracer {
         Some((id, self.encoder.encode(&spans)))
     }
 
+    /// A batch of whatever is queued, due or not (a shell without a timer
+    /// sends what it holds before its worker goes idle). Call until `None`.
+    pub fn next_export_now(&mut self, now_ms: u64) -> Option<(BatchId, Vec<u8>)> {
+        let Batch { id, spans, .. } = self.batcher.take_batch(now_ms)?;
+        Some((id, self.encoder.encode(&spans)))
+    }
+
     pub fn on_export_result(&mut self, id: BatchId, result: ExportResult) {
         self.batcher.on_export_result(id, result);
     }

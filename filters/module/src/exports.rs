@@ -48,6 +48,8 @@ pub struct Exports {
     /// the same: the hooks run on the main thread but the type must be Sync).
     in_flight: Mutex<HashMap<u64, (u32, u32)>>,
     answers: Mutex<HashMap<u32, Vec<ExportAnswer>>>,
+    /// Answers queued for any worker: lets a worker skip the lock when none wait.
+    waiting: AtomicU32,
     next_token: AtomicU32,
 }
 
@@ -58,22 +60,35 @@ impl Exports {
             outgoing: Mutex::new(Vec::new()),
             in_flight: Mutex::new(HashMap::new()),
             answers: Mutex::new(HashMap::new()),
+            waiting: AtomicU32::new(0),
             next_token: AtomicU32::new(1),
         }
     }
 
+    /// Whether answers wait for some worker (a relaxed load, no lock).
+    pub fn answers_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
     /// Answers that arrived for `worker` since it last asked.
     pub fn answers_for(&self, worker: u32) -> Vec<ExportAnswer> {
-        self.answers
-            .lock()
-            .ok()
-            .and_then(|mut a| a.remove(&worker))
-            .unwrap_or_default()
+        if !self.answers_waiting() {
+            return Vec::new();
+        }
+        let Ok(mut answers) = self.answers.lock() else {
+            return Vec::new();
+        };
+        let taken = answers.remove(&worker).unwrap_or_default();
+        // Counted under the same lock as `answer` adds, so it stays exact.
+        let n = u32::try_from(taken.len()).unwrap_or(u32::MAX);
+        self.waiting.fetch_sub(n, Ordering::Relaxed);
+        taken
     }
 
     fn answer(&self, worker: u32, answer: ExportAnswer) {
         if let Ok(mut a) = self.answers.lock() {
             a.entry(worker).or_default().push(answer);
+            self.waiting.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -143,12 +143,12 @@ impl Filter {
     /// A hook panicked: this stream's telemetry is abandoned (the core's
     /// state for it may be half-updated) and the panic is counted.
     fn panicked(&mut self, stats: StatsHandle) {
-        if self.session.take().is_some() {
-            if let Some(w) = &self.worker {
-                w.finished();
+        if let (Some(worker), Some(session)) = (self.worker.take(), self.session.take()) {
+            worker.finished();
+            if let Ok(mut gateway) = worker.gateway.try_borrow_mut() {
+                gateway.abandon(session);
             }
         }
-        self.worker = None;
         if let Some(id) = self.panics {
             let _ = stats.increment_counter(id, &[], 1);
         }
@@ -173,6 +173,8 @@ impl Filter {
             worker.started();
             self.session = session;
             worker.maybe_tick(stats, tokentap_core::host::Clock::now_nanos(&clock));
+        } else {
+            worker.tick_if_due(stats);
         }
         abi::HOOK_CONTINUE
     }
@@ -229,11 +231,14 @@ impl Filter {
     /// The stream is over (before Envoy writes its access log): requests
     /// whose response never ended (aborts, resets) are completed here.
     fn stream_complete(&mut self, stream: &mut FilterHandle) {
-        let (Some(worker), Some(session)) = (self.worker.clone(), self.session.take()) else {
+        let Some(worker) = self.worker.clone() else {
             return;
         };
         #[cfg(feature = "panic-test")]
         test_panic(stream, "stream_complete");
+        let Some(session) = self.session.take() else {
+            return;
+        };
         let clock = HookClock::default();
         let stats = stream.stats();
         worker.finished();

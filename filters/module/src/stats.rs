@@ -166,6 +166,14 @@ impl MetricsHost for ModuleStats {
             id: stat.id,
             values,
         });
+        // Envoy makes a labelled stat on its first update; a histogram's
+        // empty buckets must exist too (histogram_quantile interpolates
+        // within a bucket from the bound below it), so every series is
+        // made now, at zero, as the Wasm host's define does.
+        self.update(id, |stream, s, labels| match s.kind {
+            MetricKind::Gauge => stream.increment_gauge(s.id, labels, 0),
+            _ => stream.increment_counter(s.id, labels, 0),
+        })?;
         Ok(id)
     }
 

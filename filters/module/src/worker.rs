@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 
 use tokentap_core::lifecycle::Gateway;
 
-use crate::abi::StatsHandle;
+use crate::abi::{self, StatsHandle};
 use crate::exports::{ExportAnswer, WorkerExports};
 use crate::shared::Shared;
 use crate::stats::ModuleStats;
@@ -69,15 +69,42 @@ impl Worker {
         self.live.set(self.live.get().saturating_sub(1));
     }
 
-    /// Publishes metrics and sends span batches when a tick is due, or when
-    /// the worker has gone idle (nothing may call it again for a while).
-    /// Envoy takes stat updates only through a live stream, so this runs
-    /// from a stream's callback, with that stream.
+    /// After an LLM request's hook: publishes metrics and sends span
+    /// batches when a tick is due, when export answers wait, or when the
+    /// worker has gone idle (nothing may call it again for a while, so it
+    /// also sends every queued span). Envoy takes stat updates only through
+    /// a live stream, and offers modules no worker timer, so this runs from
+    /// a stream's hook, with that stream.
     pub fn maybe_tick(&self, stream: StatsHandle, now_ns: u64) {
-        let due = now_ns.saturating_sub(self.last_tick_ns.get()) >= self.tick_ns;
-        if !(due || self.live.get() == 0) {
+        let idle = self.live.get() == 0;
+        if idle || self.due(now_ns) {
+            self.tick(stream, now_ns, idle);
+        }
+    }
+
+    /// On any other request the filter sees: a tick only when one is due
+    /// (export answers also arrive this way when LLM traffic has stopped).
+    pub fn tick_if_due(&self, stream: StatsHandle) {
+        if self.last_tick_ns.get() == 0 && !self.answers_waiting() {
             return;
         }
+        let now_ns = abi::now_nanos();
+        if self.due(now_ns) {
+            self.tick(stream, now_ns, false);
+        }
+    }
+
+    fn answers_waiting(&self) -> bool {
+        self.shared
+            .upgrade()
+            .is_some_and(|s| s.exports.answers_waiting())
+    }
+
+    fn due(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_tick_ns.get()) >= self.tick_ns || self.answers_waiting()
+    }
+
+    fn tick(&self, stream: StatsHandle, now_ns: u64, drain: bool) {
         self.last_tick_ns.set(now_ns);
         let Ok(mut gateway) = self.gateway.try_borrow_mut() else {
             return;
@@ -95,13 +122,19 @@ impl Worker {
             }
         }
         let lent = Lent::new(&mut gateway, stream);
-        match exports {
-            Some(exports) => lent
-                .0
-                .tick(now_ns, &mut WorkerExports::new(exports, self.index)),
-            None => lent
-                .0
-                .tick(now_ns, &mut tokentap_core::lifecycle::NoExports),
+        let mut none = tokentap_core::lifecycle::NoExports;
+        let mut to_main;
+        let sender: &mut dyn tokentap_core::lifecycle::ExportSender = match exports {
+            Some(exports) => {
+                to_main = WorkerExports::new(exports, self.index);
+                &mut to_main
+            }
+            None => &mut none,
+        };
+        if drain {
+            lent.0.tick_and_drain(now_ns, sender);
+        } else {
+            lent.0.tick(now_ns, sender);
         }
     }
 }
