@@ -405,3 +405,38 @@ fn malformed_input_is_counted_and_logged_once() {
     );
     assert_eq!(lines.0.borrow().len(), 1, "{:?}", lines.0.borrow());
 }
+
+#[test]
+fn draining_sends_queued_spans_before_the_flush_interval() {
+    let (mut g, _) = gateway(TRACED);
+    let mut stream = FakeStream::new(chat_view("acme"));
+    chat(&mut g, &mut stream);
+    let mut exports = Exports::default();
+    // The first tick starts the flush interval: nothing is due yet.
+    g.tick(10_000 * MS, &mut exports);
+    assert!(exports.sent.is_empty());
+    g.tick_and_drain(10_001 * MS, &mut exports);
+    assert_eq!(exports.sent.len(), 1, "the queued span leaves at once");
+    g.tick_and_drain(10_002 * MS, &mut exports);
+    assert_eq!(exports.sent.len(), 1, "nothing queued, nothing sent");
+}
+
+#[test]
+fn an_abandoned_session_gives_back_its_in_flight_gauge_and_records_nothing() {
+    let (mut g, _) = gateway(CONFIG);
+    let mut stream = FakeStream::new(chat_view("acme"));
+    let s = g.request_headers(&mut stream, &(10 * MS)).unwrap();
+    g.tick(20 * MS, &mut NoExports);
+    assert_eq!(g.metrics_host().value(ACTIVE), 1);
+    g.abandon(s);
+    g.tick(30 * MS, &mut NoExports);
+    assert_eq!(g.metrics_host().value(ACTIVE), 0);
+    assert!(
+        !g.metrics_host()
+            .names
+            .iter()
+            .any(|(_, n)| n.ends_with("llm_gateway_requests_total")),
+        "no request recorded"
+    );
+    assert!(stream.state.is_empty(), "no filter state");
+}
