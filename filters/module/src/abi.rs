@@ -17,6 +17,9 @@
 // Calling a C ABI and exporting `#[no_mangle]` hooks needs `unsafe`; it is
 // confined to this file, and each block says why it is sound.
 #![allow(unsafe_code)]
+// The hooks' one safety contract (Envoy calls them, with the pointers the
+// header describes) is stated once, above them, not on each.
+#![allow(clippy::missing_safety_doc)]
 
 use std::ffi::{c_char, c_void};
 use std::ptr::{null, null_mut};
@@ -780,6 +783,10 @@ pub struct CalloutAnswer {
 }
 
 // ---------------------------------------------------------------- hooks
+//
+// Every hook is `unsafe extern "C"`: Envoy is its only caller, and the
+// pointers it passes are valid under the header's contract (each hook's
+// body says which), which the type system cannot check.
 
 /// Runs a hook body; a panic is caught (unwinding into Envoy would abort
 /// it), counted, logged, and answered with `fallback`: fail open.
@@ -821,7 +828,7 @@ unsafe fn config<'a>(ptr: ConfigModulePtr) -> Option<&'a crate::Configured> {
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+pub unsafe extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     guard(
         "program_init",
         ABI_VERSION.as_ptr().cast(),
@@ -834,7 +841,7 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config_envoy: ConfigEnvoyPtr,
     name: EnvoyBuffer,
     config_bytes: EnvoyBuffer,
@@ -860,7 +867,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
     config_module: ConfigModulePtr,
 ) {
     guard(
@@ -879,7 +886,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     config_envoy: ConfigEnvoyPtr,
     config_module: ConfigModulePtr,
     event_id: u64,
@@ -898,7 +905,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
     _config_envoy: ConfigEnvoyPtr,
     config_module: ConfigModulePtr,
     callout_id: u64,
@@ -956,7 +963,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config_module: ConfigModulePtr,
     filter_envoy: FilterEnvoyPtr,
 ) -> FilterModulePtr {
@@ -981,7 +988,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
 macro_rules! stream_hook {
     ($hook:ident, $name:literal, $method:ident $(, $arg:ident : $ty:ty)*) => {
         #[no_mangle]
-        pub extern "C" fn $hook(
+        pub unsafe extern "C" fn $hook(
             filter_envoy: FilterEnvoyPtr,
             filter_module: FilterModulePtr
             $(, $arg: $ty)*
@@ -1015,7 +1022,7 @@ pub const BODY_STOP_AND_BUFFER: u32 = STOP_AND_BUFFER;
 pub const HOOK_CONTINUE: u32 = CONTINUE;
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
 ) -> u32 {
@@ -1023,7 +1030,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
 ) -> u32 {
@@ -1031,7 +1038,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     filter_envoy: FilterEnvoyPtr,
     filter_module: FilterModulePtr,
 ) {
@@ -1051,7 +1058,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
     _filter_envoy: FilterEnvoyPtr,
     filter_module: FilterModulePtr,
     response_code: u32,
@@ -1073,7 +1080,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module: FilterModulePtr) {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(
+    filter_module: FilterModulePtr,
+) {
     guard(
         "http_filter_destroy",
         (),
@@ -1091,7 +1100,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module: Fil
 // per-stream callouts, streams or schedulers, and is never terminal.
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
     _callout_id: u64,
@@ -1104,7 +1113,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
     _stream_id: u64,
@@ -1115,7 +1124,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
     _stream_id: u64,
@@ -1126,7 +1135,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
     _stream_id: u64,
@@ -1136,7 +1145,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
     _stream_id: u64,
@@ -1144,7 +1153,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
     _stream_id: u64,
@@ -1153,7 +1162,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
     _event_id: u64,
@@ -1161,21 +1170,21 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
 ) {
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
     _filter_envoy: FilterEnvoyPtr,
     _filter_module: FilterModulePtr,
 ) {
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
     _name: EnvoyBuffer,
     _config: EnvoyBuffer,
 ) -> *const c_void {
@@ -1186,7 +1195,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
     _config: *const c_void,
 ) {
 }

@@ -159,3 +159,20 @@ impl Log for ModuleLog {
         abi::log(level, message);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FilterKind;
+
+    #[test]
+    fn filter_names_select_the_filter_or_refuse() {
+        assert_eq!(
+            FilterKind::from_name(b"tokentap"),
+            Some(FilterKind::Tokentap)
+        );
+        assert_eq!(FilterKind::from_name(b""), Some(FilterKind::Tokentap));
+        assert_eq!(FilterKind::from_name(b"empty"), Some(FilterKind::Empty));
+        assert_eq!(FilterKind::from_name(b"Tokentap"), None);
+        assert_eq!(FilterKind::from_name(b"tokentap "), None);
+    }
+}

@@ -214,3 +214,55 @@ impl Clock for HookClock {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Splits `body` at the given cut points, as Envoy's buffer slices.
+    fn slices(body: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+        points.sort_unstable();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for p in points.into_iter().chain([body.len()]) {
+            out.push(body[at..p].to_vec());
+            at = p;
+        }
+        out
+    }
+
+    proptest! {
+        /// However Envoy slices a body, a range read is the range of the whole.
+        #[test]
+        fn copy_range_reads_across_slices(
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+            start in 0usize..320,
+            len in 0usize..320,
+        ) {
+            let owned = slices(&body, &cuts);
+            let parts: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+            let end = (start + len).min(body.len());
+            let want = if start >= body.len() { &[][..] } else { &body[start..end] };
+            prop_assert_eq!(copy_range(&parts, start, len), want.to_vec());
+        }
+
+        /// Visiting a prefix hands over exactly its bytes, in order, with no
+        /// empty tail beyond it.
+        #[test]
+        fn visit_prefix_hands_over_the_prefix(
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+            len in 0usize..320,
+        ) {
+            let owned = slices(&body, &cuts);
+            let parts: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+            let mut seen = Vec::new();
+            visit_prefix(&parts, len, &mut |chunk| seen.extend_from_slice(chunk));
+            prop_assert_eq!(seen, body[..len.min(body.len())].to_vec());
+        }
+    }
+}
