@@ -10,16 +10,29 @@ use (`tests/e2e/`):
   gpu-exporter      a free port (printed), on the fake libnvidia-ml.so (2 H100s), a fake
                     kubelet PodResources socket and a fake Kubernetes API that
                     lists the three simulator pods with the platform's labels
+  Prometheus        :9090 (`up` only, when `prometheus` is installed): the shipped
+                    scrape jobs and rules (tests/e2e/observability_stack.py)
 
 `demo` sends a mix of traffic and prints what the gateway, the exporter and
 the trace receiver saw, then stops everything. `up` keeps the stack running
-until Ctrl-C; point any OpenAI client at http://127.0.0.1:10000/v1.
+until Ctrl-C; point any OpenAI client at http://127.0.0.1:10000/v1, and run
+the failure drills against it with `cargo xtask drill` (demo/drill.py).
+
+The fake GPUs' utilization follows the running batch of the runtime on each
+(15% idle, 100% with a full batch of 4); their memory stays at what vLLM
+allocates at start. The runtimes prefill at 0.5 ms per uncached prompt token
+on top of their base time to first token, so longer prompts cost time.
+
+`up` writes `<run dir>/stack.json` (addresses of every part), which
+demo/drill.py reads to find the stack. `--free-ports` and `--run-dir` let
+tests run it beside other stacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -38,7 +51,16 @@ from exporter_stack import (  # noqa: E402
     start_fake_kube_api,
     start_fake_kubelet,
 )
-from harness import Scrape, get, parse_exposition, post_json, scrape, stream_timed  # noqa: E402
+from harness import Scrape, free_port, get, parse_exposition, post_json, scrape, stream_timed  # noqa: E402
+from observability_stack import (  # noqa: E402
+    TimeScale,
+    dashboard_links,
+    incident_panels,
+    needs_cluster,
+    prometheus_binary,
+    prometheus_config,
+    start_prometheus,
+)
 from otlp_receiver import OtlpReceiver  # noqa: E402
 from stack import add_cluster, plugin_config, set_plugin_config, start_envoy, start_sim  # noqa: E402
 
@@ -46,7 +68,11 @@ GIB = 1 << 30
 GPU_STABLE = "GPU-0d1b4c2a-6f3e-4a8b-9c1d-2e3f4a5b6c01"
 GPU_CANARY = "GPU-0d1b4c2a-6f3e-4a8b-9c1d-2e3f4a5b6c02"
 
-PORTS = {"envoy": 10000, "admin": 9901, "stable": 8000, "canary": 8001, "rag": 8002, "otlp": 4318}
+PORTS = {"envoy": 10000, "admin": 9901, "stable": 8000, "canary": 8001, "rag": 8002, "otlp": 4318, "prometheus": 9090}
+#: The runtimes' largest batch (llm-sim --max-num-seqs).
+MAX_NUM_SEQS = 4
+PROMETHEUS_MISSING = ("prometheus not on PATH (Debian package `prometheus`): starting without Prometheus, "
+                      "its alerts and the dashboard links; `cargo xtask drill` needs it")
 
 
 def pods(stable: int, canary: int, rag: int) -> list[dict]:
@@ -57,11 +83,27 @@ def pods(stable: int, canary: int, rag: int) -> list[dict]:
             "namespace": "llm",
             "podIP": "127.0.0.1",
             "labels": labels,
-            "annotations": {"prometheus.io/port": str(port)},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)},
             "containers": [{"name": "vllm", "ports": [{"name": "http", "containerPort": port}]}],
         }
 
     return [pod("vllm-stable-0", stable), pod("vllm-canary-0", canary), pod("rag-api-0", rag)]
+
+
+def telemetry_pods(admin: int, exporter: int) -> list[dict]:
+    """The gateway and gpu-exporter as pods of the fake API, labelled as the
+    packages deploy them (k8s/gateway/istio, k8s/gpu-exporter), so the
+    shipped scrape jobs llm-gateway-istio and gpu-exporter select them. The
+    gateway pod leaves out `app.kubernetes.io/part-of: llm-platform`, which
+    would make gpu-exporter take it for a runtime."""
+    return [
+        {"name": "llm-ingressgateway-0", "namespace": "istio-ingress", "podIP": "127.0.0.1",
+         "labels": {"app.kubernetes.io/name": "llm-ingressgateway", "istio": "llm-ingressgateway"},
+         "containers": [{"name": "istio-proxy", "ports": [{"name": "http-envoy-prom", "containerPort": admin}]}]},
+        {"name": "gpu-exporter-0", "namespace": "tokentap-system", "podIP": "127.0.0.1",
+         "labels": {"app.kubernetes.io/name": "gpu-exporter", "app.kubernetes.io/part-of": "tokentap"},
+         "containers": [{"name": "gpu-exporter", "ports": [{"name": "metrics", "containerPort": exporter}]}]},
+    ]
 
 
 def gpu_scenario() -> dict:
@@ -88,11 +130,14 @@ def gpu_scenario() -> dict:
 
 
 class Stack:
-    def __init__(self, run_dir: Path, fixed_ports: bool) -> None:
+    def __init__(self, run_dir: Path, fixed_ports: bool, prometheus: bool = False) -> None:
         self.dir = run_dir
         self.fixed = fixed_ports
         self.procs: list = []
         self.collector = OtlpReceiver(port=PORTS["otlp"] if fixed_ports else 0)
+        self.want_prometheus = prometheus
+        self.prometheus = None
+        self.stopping = threading.Event()
 
     def port(self, name: str) -> int | None:
         return PORTS[name] if self.fixed else None
@@ -102,7 +147,7 @@ class Stack:
         self.collector.start()
         # Supervised, so the runtime-restart drill (POST /admin/restart)
         # brings the runtime back, as Kubernetes would.
-        common = ["--itl-ms", "8", "--max-num-seqs", "4", "--kv-cache-tokens", "16384", "--supervise"]
+        common = ["--itl-ms", "8", "--prefill-ms-per-token", "0.5", "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-tokens", "16384", "--supervise"]
         self.stable = start_sim(d, "--ttft-ms", "120", *common, name="sim-stable", port=self.port("stable"), env={"POD_NAME": "vllm-stable-0"})
         self.canary = start_sim(d, "--ttft-ms", "260", "--seed", "2", *common, name="sim-canary", port=self.port("canary"), env={"POD_NAME": "vllm-canary-0"})
         self.rag = start_sim(d, "--ttft-ms", "90", "--seed", "3", *common, name="sim-rag", port=self.port("rag"), env={"POD_NAME": "rag-api-0"})
@@ -137,13 +182,65 @@ class Stack:
             ],
         )
         self.procs += [self.kube, self.kubelet]
-        scenario = NvmlScenario(d / "nvml-scenario.json", gpu_scenario())
-        scenario.write()
-        self.exporter = start_exporter(d, scenario=scenario, kubelet=self.kubelet, kube_api=self.kube, interval="1s", runtime=True)
+        self.scenario = NvmlScenario(d / "nvml-scenario.json", gpu_scenario())
+        self.scenario.write()
+        self.exporter = start_exporter(d, scenario=self.scenario, kubelet=self.kubelet, kube_api=self.kube, interval="1s", runtime=True)
         self.procs.append(self.exporter)
+        threading.Thread(target=self._gpu_load, daemon=True).start()
+        if self.want_prometheus:
+            self._start_prometheus()
         return self
 
+    def _gpu_load(self) -> None:
+        """Each fake GPU's utilization follows its runtime's running batch."""
+        last: dict[int, int] = {}
+        while not self.stopping.wait(1.0):
+            for index, sim in ((0, self.stable), (1, self.canary)):
+                try:
+                    running = parse_exposition(sim.metrics_text()).value("vllm:num_requests_running")
+                except Exception:  # noqa: BLE001 - the runtime is restarting: no batch
+                    running = 0
+                util = round(15 + 85 * min(running, MAX_NUM_SEQS) / MAX_NUM_SEQS)
+                if last.get(index) != util:
+                    self.scenario.gpu(index)["utilization_gpu_percent"] = util
+                    self.scenario.gpu(index)["utilization_memory_percent"] = util // 2
+                    last[index] = util
+                    self.scenario.write()
+
+    def _start_prometheus(self) -> None:
+        if prometheus_binary() is None:
+            print(f"xtask: {PROMETHEUS_MISSING}", flush=True)
+            return
+        for pod in telemetry_pods(self.envoy.admin_port, self.exporter.port):
+            self.kube.add_pod(pod)
+        self.prometheus = start_prometheus(self.dir, self.prometheus_config(TimeScale()), PORTS["prometheus"] if self.fixed else free_port(),
+                                           TimeScale())
+        self.procs.append(self.prometheus)
+
+    def cluster_pods(self) -> list[dict]:
+        """Every pod object the fake Kubernetes API serves."""
+        return get(f"{self.kube.url}/api/v1/pods").json()["items"]
+
+    def prometheus_config(self, time_scale: TimeScale) -> dict:
+        return prometheus_config(self.dir, self.cluster_pods(), time_scale)
+
+    def describe(self) -> dict:
+        """What demo/drill.py needs to find and drive this stack."""
+        return {
+            "pid": os.getpid(),
+            "run_dir": str(self.dir),
+            "envoy": self.envoy.url,
+            "admin": self.envoy.admin,
+            "exporter": self.exporter.url,
+            "kube_api": self.kube.url,
+            "runtimes": {"stable": self.stable.url, "canary": self.canary.url, "rag": self.rag.url},
+            "max_num_seqs": MAX_NUM_SEQS,
+            "prometheus": self.prometheus.url if self.prometheus else None,
+            "prometheus_config": str(self.prometheus.config_path) if self.prometheus else None,
+        }
+
     def stop(self) -> None:
+        self.stopping.set()
         for p in reversed(self.procs):
             try:
                 p.stop()
@@ -271,13 +368,53 @@ def report(stack: Stack, seen: dict) -> None:
         print(f"  {k} = {v}")
 
 
+def up_banner(stack: Stack) -> str:
+    d = stack.describe()
+    rt = d["runtimes"]
+    lines = [
+        f"tokentap stack is up (logs in {stack.dir}):",
+        f"  OpenAI-compatible endpoint  {stack.envoy.url}/v1   (tenant header: x-tenant-id, canary: x-canary: 1)",
+        f"  gateway metrics             {stack.envoy.admin}/stats/prometheus",
+        f"  GPU + runtime metrics       {stack.exporter.url}/metrics",
+        f"  OTLP traces                 received on 127.0.0.1:{stack.collector.port} (count printed on exit)",
+        f"  runtimes (llm-sim)          stable {rt['stable']}  canary {rt['canary']}  RAG {rt['rag']}  (admin API: docs/simulator.md)",
+    ]
+    if stack.prometheus:
+        prom = stack.prometheus.url
+        lines += [
+            f"  Prometheus                  {prom}  (shipped scrape jobs and k8s/observability/rules.yaml, unchanged)",
+            f"  alerts                      {prom}/alerts",
+            "LLM incident dashboard, one Prometheus graph per panel (k8s/observability/dashboards/llm-incident.json):",
+        ]
+        cluster = {p["title"] for p in incident_panels() if needs_cluster(p)}
+        for title, url in dashboard_links(prom):
+            note = "  (kube-state-metrics / cAdvisor: no data without a cluster)" if title in cluster else ""
+            lines += [f"  {title}{note}", f"    {url}"]
+    lines += [
+        "Try:",
+        f"  curl -s {stack.envoy.url}/v1/chat/completions -H 'x-tenant-id: acme' -H 'content-type: application/json' \\",
+        """       -d '{"model":"mistral-7b","messages":[{"role":"user","content":"hi"}],"stream":true}'""",
+        "  cargo xtask drill burst        # or long-prompts, runtime-restart, vector-store-outage, all",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["demo", "up"])
+    ap.add_argument("--run-dir", type=Path, help="where `up` keeps logs, configs and stack.json (default .tokentap/run)")
+    ap.add_argument("--free-ports", action="store_true", help="free ports instead of the fixed ones (tests)")
     args = ap.parse_args()
-    run_dir = REPO / ".tokentap" / "run" if args.mode == "up" else Path(tempfile.mkdtemp(prefix="tokentap-demo-"))
+    if args.mode == "up":
+        run_dir = args.run_dir or REPO / ".tokentap" / "run"
+    else:
+        run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="tokentap-demo-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    stack = Stack(run_dir, fixed_ports=args.mode == "up")
+    state = run_dir / "stack.json"
+    stack = Stack(run_dir, fixed_ports=not args.free_ports, prometheus=args.mode == "up")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         stack.start()
         if args.mode == "demo":
@@ -285,19 +422,8 @@ def main() -> int:
             report(stack, seen)
             print(f"\nlogs and configs: {run_dir}")
             return 0
-        print(f"""
-tokentap stack is up (logs in {run_dir}):
-  OpenAI-compatible endpoint  http://127.0.0.1:{PORTS['envoy']}/v1   (tenant header: x-tenant-id, canary: x-canary: 1)
-  gateway metrics             http://127.0.0.1:{PORTS['admin']}/stats/prometheus
-  GPU + runtime metrics       {stack.exporter.url}/metrics
-  OTLP traces                 received on 127.0.0.1:{PORTS['otlp']} (count printed on exit)
-  runtimes (llm-sim)          stable :{PORTS['stable']}  canary :{PORTS['canary']}  RAG :{PORTS['rag']}  (admin API: docs/simulator.md)
-Try:
-  curl -s localhost:{PORTS['envoy']}/v1/chat/completions -H 'x-tenant-id: acme' -H 'content-type: application/json' \\
-       -d '{{"model":"mistral-7b","messages":[{{"role":"user","content":"hi"}}],"stream":true}}'
-Ctrl-C stops everything.""")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        state.write_text(json.dumps(stack.describe(), indent=1))
+        print("\n" + up_banner(stack), flush=True)
         try:
             while not stop.wait(1):
                 for p in stack.procs:
@@ -310,6 +436,7 @@ Ctrl-C stops everything.""")
         print(f"\nstopping ({len(stack.collector.spans())} spans received)")
         return 0
     finally:
+        state.unlink(missing_ok=True)
         stack.stop()
 
 
