@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo xtask demo    # build, start the whole local stack, send traffic, print what was seen
-//! cargo xtask up      # start the stack and keep it running (Envoy on 127.0.0.1:10000)
+//! cargo xtask up      # start the stack and keep it running (Envoy on 127.0.0.1:10000, Prometheus on :9090)
+//! cargo xtask drill   # a failure drill against that stack, with a report (`all` runs the four)
 //! cargo xtask test    # every test: unit, property, corpus, and the end-to-end suites
 //! cargo xtask lint    # rustfmt and clippy (host and wasm32-wasip1), warnings denied
 //! cargo xtask bench   # gateway and gpu-exporter benchmarks (`--quick` for a smoke run)
@@ -11,14 +12,17 @@
 //!
 //! Prerequisites are installed into the checkout (`.venv/`, the rustup wasm
 //! target); the system tools some suites use (`wrk`, `promtool`,
-//! `prometheus`, `buildah`) come from Debian packages, which setup installs
-//! with apt-get when it runs as root (not with `TOKENTAP_NO_INSTALL=1`) and
-//! otherwise names the suites that are skipped without them.
+//! `prometheus`, `chromium`, `buildah`) come from Debian packages, which setup
+//! installs with apt-get when it runs as root (not with
+//! `TOKENTAP_NO_INSTALL=1`) and otherwise names the suites that are skipped
+//! without them. `demo`, `up` and `drill` install them too but leave the
+//! naming to the stack, which says in one line what it runs without.
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -30,6 +34,9 @@ fn main() -> ExitCode {
         Some((c, r)) => (c.as_str(), r.to_vec()),
         None => ("help", Vec::new()),
     };
+    if matches!(cmd, "demo" | "up" | "drill") {
+        QUIET_TOOLS.store(true, Ordering::Relaxed);
+    }
     let result = match cmd {
         "setup" => setup(),
         "build" => setup().and_then(|_| build()),
@@ -40,6 +47,11 @@ fn main() -> ExitCode {
         "up" => setup()
             .and_then(|_| build())
             .and_then(|_| python(&["demo/stack.py", "up"])),
+        "drill" => setup().and_then(|_| build()).and_then(|_| {
+            let mut args = vec!["demo/drill.py"];
+            args.extend(rest.iter().map(String::as_str));
+            python(&args)
+        }),
         "lint" => lint(),
         "bench" => bench(&rest),
         "help" | "-h" | "--help" => {
@@ -64,6 +76,12 @@ const USAGE: &str = "usage: cargo xtask <command>
            print what the gateway, the exporter and the traces saw
   up       start the same stack and keep it running; OpenAI endpoint on
            http://127.0.0.1:10000/v1, Envoy admin on 127.0.0.1:9901
+  drill    burst | long-prompts | runtime-restart | vector-store-outage | all:
+           break one thing on the `up` stack (started for the drill if none
+           runs) until its alerts fire, repair it until they clear; prints
+           the signals before/during/after, the alert times and the time to
+           recover, and writes an HTML report (`--realistic`: the shipped
+           `for` durations; by default every rule duration is divided by 30)
   test     run every test (cargo test --workspace, tokentap-core's tests
            again compiled for wasm32-wasip1 and run under Wasmtime, then the
            pytest e2e suites against the real binaries); extra args go to pytest
@@ -177,7 +195,12 @@ const SYSTEM_TOOLS: &[SystemTool] = &[
     SystemTool {
         command: "prometheus",
         package: "prometheus",
-        skipped: "the live dashboard queries in tests/e2e/test_alerts_and_dashboards.py",
+        skipped: "the live dashboard queries in tests/e2e/test_alerts_and_dashboards.py, tests/e2e/test_incident_drills.py, and Prometheus in `cargo xtask up` / `drill`",
+    },
+    SystemTool {
+        command: "chromium",
+        package: "chromium",
+        skipped: "the drill report's rendering check in tests/e2e/test_incident_drills.py",
     },
     SystemTool {
         command: "buildah",
@@ -186,10 +209,15 @@ const SYSTEM_TOOLS: &[SystemTool] = &[
     },
 ];
 
+/// Set for `demo`, `up` and `drill`: the stack names what it runs without,
+/// in one line; the suites skipped are `setup`'s and `test`'s business.
+static QUIET_TOOLS: AtomicBool = AtomicBool::new(false);
+
 /// Installs the missing system tools with apt-get when that can work (root,
 /// apt-get present, TOKENTAP_NO_INSTALL unset); then names, one line each,
 /// the suites that will be skipped for every tool still missing.
 fn system_tools() {
+    let quiet = QUIET_TOOLS.load(Ordering::Relaxed);
     let missing = || SYSTEM_TOOLS.iter().filter(|t| !on_path(t.command));
     let mut packages: Vec<&str> = missing().map(|t| t.package).collect();
     packages.sort_unstable();
@@ -201,10 +229,13 @@ fn system_tools() {
                     eprintln!("xtask: could not install {}: {e}", packages.join(" "));
                 }
             }
-            Some(why) => eprintln!("xtask: not installing {} ({why})", packages.join(" ")),
+            Some(why) if !quiet => {
+                eprintln!("xtask: not installing {} ({why})", packages.join(" "))
+            }
+            Some(_) => {}
         }
     }
-    for tool in missing() {
+    for tool in missing().filter(|_| !quiet) {
         eprintln!(
             "xtask: `{}` not on PATH (Debian package `{}`): skipped: {}",
             tool.command, tool.package, tool.skipped
