@@ -51,7 +51,7 @@ from exporter_stack import (  # noqa: E402
     start_fake_kube_api,
     start_fake_kubelet,
 )
-from harness import Scrape, free_port, get, parse_exposition, post_json, scrape, stream_timed  # noqa: E402
+from harness import SHELL, Scrape, free_port, get, parse_exposition, post_json, scrape, stream_timed  # noqa: E402
 from observability_stack import (  # noqa: E402
     TimeScale,
     dashboard_links,
@@ -318,7 +318,8 @@ def quantile(s: Scrape, family: str, q: float, **match: str) -> float | None:
 def report(stack: Stack, seen: dict) -> None:
     time.sleep(2.5)  # one stats flush (1 s) and one exporter pass (1 s)
     g = parse_exposition(stack.envoy.stats_prometheus())
-    print("\n== What the gateway saw (Envoy /stats/prometheus, tokentap filter) ==")
+    shell = "dynamic module libtokentap_module.so" if SHELL == "module" else "proxy-wasm tokentap_filter.wasm"
+    print(f"\n== What the gateway saw (Envoy /stats/prometheus, tokentap filter: {shell}) ==")
     print(f"{'route':<12}{'tenant':<9}{'backend':<12}{'status':<7}{'requests':>9}")
     for smp in sorted(g.series("llm_gateway_requests_total"), key=lambda x: (x.labels["route"], x.labels["tenant"], x.labels["backend"], x.labels["status"])):
         l = smp.labels
