@@ -5,8 +5,11 @@
 //!
 //! Values are bounded label values and numbers, never prompt or completion
 //! text. Each value carries its JSON type, so a tenant called `42` stays a
-//! string. They are written when the response ends, because Envoy runs the
-//! connection manager's access loggers before the filter's own log callback.
+//! string. They are written once, when the request is complete: when the
+//! response ends, or at the shell's end-of-stream callback for a stream cut
+//! short (Envoy 1.40 runs both shells' callback before it writes the access
+//! log, so a client abort's values reach it too; tested in
+//! `tests/e2e/test_error_types.py`).
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
