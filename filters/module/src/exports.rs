@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokentap_core::lifecycle::ExportSender;
 use tokentap_core::tracer::ExportTarget;
@@ -48,8 +48,9 @@ pub struct Exports {
     /// the same: the hooks run on the main thread but the type must be Sync).
     in_flight: Mutex<HashMap<u64, (u32, u32)>>,
     answers: Mutex<HashMap<u32, Vec<ExportAnswer>>>,
-    /// Answers queued for any worker: lets a worker skip the lock when none wait.
-    waiting: AtomicU32,
+    /// Answers queued for any worker: lets a worker skip the lock when none
+    /// wait. Shared with the workers, which check it on their hot path.
+    waiting: Arc<AtomicU32>,
     next_token: AtomicU32,
 }
 
@@ -60,7 +61,7 @@ impl Exports {
             outgoing: Mutex::new(Vec::new()),
             in_flight: Mutex::new(HashMap::new()),
             answers: Mutex::new(HashMap::new()),
-            waiting: AtomicU32::new(0),
+            waiting: Arc::new(AtomicU32::new(0)),
             next_token: AtomicU32::new(1),
         }
     }
@@ -68,6 +69,12 @@ impl Exports {
     /// Whether answers wait for some worker (a relaxed load, no lock).
     pub fn answers_waiting(&self) -> bool {
         self.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// The counter behind [`Exports::answers_waiting`], for a worker to
+    /// keep (it holds the configuration only weakly).
+    pub fn waiting_counter(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.waiting)
     }
 
     /// Answers that arrived for `worker` since it last asked.

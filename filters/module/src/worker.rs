@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use tokentap_core::lifecycle::Gateway;
@@ -23,6 +24,8 @@ pub struct Worker {
     live: Cell<u32>,
     last_tick_ns: Cell<u64>,
     tick_ns: u64,
+    /// Export answers waiting for any worker (the configuration's counter).
+    answers: Arc<AtomicU32>,
 }
 
 thread_local! {
@@ -53,6 +56,7 @@ impl Worker {
                     live: Cell::new(0),
                     last_tick_ns: Cell::new(0),
                     tick_ns,
+                    answers: shared.exports.waiting_counter(),
                 });
                 workers.push(Rc::clone(&worker));
                 Some(worker)
@@ -95,9 +99,7 @@ impl Worker {
     }
 
     fn answers_waiting(&self) -> bool {
-        self.shared
-            .upgrade()
-            .is_some_and(|s| s.exports.answers_waiting())
+        self.answers.load(Ordering::Relaxed) > 0
     }
 
     fn due(&self, now_ns: u64) -> bool {
