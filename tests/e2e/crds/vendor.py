@@ -8,7 +8,9 @@ Each checkout is a git repository (a bare mirror is enough); the files are
 read at the pinned tags below with `git show`. For every kind the manifests
 use, the served version's `openAPIV3Schema` is written to
 `<group>_<version>_<Kind>.json` with `description` texts dropped (size only;
-no validation keyword is removed). SOURCES.md records where each came from.
+no validation keyword is removed), in a subfolder where an entry names one
+(an older release some package is also checked against). SOURCES.md records
+where each came from.
 """
 
 from __future__ import annotations
@@ -22,18 +24,25 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 
-#: (repository argument index, tag, path in the repository, kinds wanted)
+#: (repository argument index, tag, path in the repository, kinds wanted[, subfolder])
 SOURCES = [
     (0, "1.30.3", "manifests/charts/base/files/crd-all.gen.yaml",
      {("extensions.istio.io", "v1alpha1", "WasmPlugin"), ("networking.istio.io", "v1", "Gateway"),
       ("networking.istio.io", "v1", "VirtualService"), ("security.istio.io", "v1", "RequestAuthentication"),
-      ("security.istio.io", "v1", "AuthorizationPolicy")}),
+      ("security.istio.io", "v1", "AuthorizationPolicy"), ("networking.istio.io", "v1alpha3", "EnvoyFilter")}),
     (1, "v1.9.0", "charts/gateway-helm/charts/crds/crds/generated/gateway.envoyproxy.io_envoyproxies.yaml",
      {("gateway.envoyproxy.io", "v1alpha1", "EnvoyProxy")}),
     (1, "v1.9.0", "charts/gateway-helm/charts/crds/crds/generated/gateway.envoyproxy.io_envoyextensionpolicies.yaml",
      {("gateway.envoyproxy.io", "v1alpha1", "EnvoyExtensionPolicy")}),
     (1, "v1.9.0", "charts/gateway-helm/charts/crds/crds/generated/gateway.envoyproxy.io_securitypolicies.yaml",
      {("gateway.envoyproxy.io", "v1alpha1", "SecurityPolicy")}),
+    # The first release with dynamic modules (EnvoyProxy.spec.dynamicModules,
+    # EnvoyExtensionPolicy.spec.dynamicModule); the module package's v1.8
+    # overlay is checked against it (test_k8s_module.py).
+    (1, "v1.8.3", "charts/gateway-helm/charts/crds/crds/generated/gateway.envoyproxy.io_envoyproxies.yaml",
+     {("gateway.envoyproxy.io", "v1alpha1", "EnvoyProxy")}, "eg-v1.8"),
+    (1, "v1.8.3", "charts/gateway-helm/charts/crds/crds/generated/gateway.envoyproxy.io_envoyextensionpolicies.yaml",
+     {("gateway.envoyproxy.io", "v1alpha1", "EnvoyExtensionPolicy")}, "eg-v1.8"),
     # Gateway API v1.6.1, standard channel, as Envoy Gateway v1.9.0 ships it.
     (1, "v1.9.0", "charts/gateway-crds-helm/templates/standard-gatewayapi-crds.yaml",
      {("gateway.networking.k8s.io", "v1", "GatewayClass"), ("gateway.networking.k8s.io", "v1", "Gateway"),
@@ -65,7 +74,9 @@ def crds(text: str) -> list[dict]:
 def main(checkouts: list[str]) -> None:
     notes = ["# Vendored CRD schemas", "", "Written by `vendor.py`; descriptions dropped.", "",
              "| file | upstream | tag | path |", "|---|---|---|---|"]
-    for repo_i, tag, path, wanted in SOURCES:
+    for repo_i, tag, path, wanted, *subdir in SOURCES:
+        folder = HERE.joinpath(*subdir)
+        folder.mkdir(exist_ok=True)
         text = subprocess.run(["git", "-C", checkouts[repo_i], "show", f"{tag}:{path}"],
                               capture_output=True, text=True, check=True).stdout
         for crd in crds(text):
@@ -73,9 +84,9 @@ def main(checkouts: list[str]) -> None:
             for v in crd["spec"]["versions"]:
                 if (group, v["name"], kind) not in wanted:
                     continue
-                out = HERE / f"{group}_{v['name']}_{kind}.json"
+                out = folder / f"{group}_{v['name']}_{kind}.json"
                 out.write_text(json.dumps(strip_descriptions(v["schema"]["openAPIV3Schema"]), sort_keys=True) + "\n")
-                notes.append(f"| {out.name} | {REPOS[repo_i]} | {tag} | {path} |")
+                notes.append(f"| {out.relative_to(HERE).as_posix()} | {REPOS[repo_i]} | {tag} | {path} |")
                 wanted = wanted - {(group, v["name"], kind)}
         if wanted:
             raise SystemExit(f"not found in {path}@{tag}: {sorted(wanted)}")
