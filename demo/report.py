@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#d62728"]
 MARKS = {"pending": ("#e69f00", "4 3"), "firing": ("#d62728", ""), "cleared": ("#2ca02c", "2 3")}
@@ -54,7 +55,7 @@ def text(r: dict) -> str:
     t = r["times"]
     origin = t["fault_start"]
     lines = [f"== {r['drill']}: {r['title']} ==",
-             f"{r['what']}",
+             *textwrap.wrap(r["what"], 110),
              f"time scale 1/{r['time_scale']:g}: {r['scale_note']}",
              f"fault for {t['fault_end'] - t['fault_start']:.0f}s, drill {t['end'] - t['start']:.0f}s; times below are from the fault's start",
              "",

@@ -324,7 +324,10 @@ def check_signals_moved(r: dict) -> None:
         assert re.search(r"chat requests \(no RAG\) meanwhile: [1-9]\d* × 200$", client, re.MULTILINE), client
 
 
-def test_drill_all_fires_and_clears_each_alert_and_reports_what_prometheus_has(up_stack):
+@pytest.fixture(scope="module")
+def drill_all(up_stack):
+    """`demo/drill.py all` against the stack: (exit status, output, reports,
+    HTML report, the rule groups Prometheus had loaded while it ran)."""
     _, stack, run_dir = up_stack
     prom = prometheus(stack)
     html = run_dir / "drills" / "all.html"
@@ -348,8 +351,16 @@ def test_drill_all_fires_and_clears_each_alert_and_reports_what_prometheus_has(u
                                stdout=out, stderr=subprocess.STDOUT, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     done.set()
     watcher.join()
-    output = log.read_text()
-    assert drill.returncode == 0, output[-6000:]
+    json_path = html.with_suffix(".json")
+    reports = json.loads(json_path.read_text()) if json_path.exists() else []
+    return drill.returncode, log.read_text(), reports, html, scaled
+
+
+def test_drill_all_fires_and_clears_each_alert_and_reports_what_prometheus_has(up_stack, drill_all):
+    _, stack, _ = up_stack
+    prom = prometheus(stack)
+    returncode, output, reports, _, scaled = drill_all
+    assert returncode == 0, output[-6000:]
     # Progress while it ran, then a report per drill and the summary.
     assert len(re.findall(r"^  fault +\+\d+s ", output, re.MULTILINE)) >= 4, output[-3000:]
     assert len(re.findall(r"^  recovery +\+\d+s ", output, re.MULTILINE)) >= 4
@@ -366,7 +377,6 @@ def test_drill_all_fires_and_clears_each_alert_and_reports_what_prometheus_has(u
     # Afterwards: the shipped rules again.
     assert {g["file"] for g in prom.rule_groups()} == {str(RULES)}
 
-    reports = json.loads(html.with_suffix(".json").read_text())
     assert [r["drill"] for r in reports] == list(EXPECTED)
     for r in reports:
         assert r["time_scale"] == SCALE and r["rate_interval"] == "4s" and r["range"] == duration(300 / SCALE)
@@ -374,6 +384,11 @@ def test_drill_all_fires_and_clears_each_alert_and_reports_what_prometheus_has(u
         check_alerts(prom, r)
         check_numbers(prom, r)
         check_signals_moved(r)
+
+
+def test_drill_report_renders_in_headless_chromium(drill_all):
+    _, _, reports, html, _ = drill_all
+    assert reports, "no report written"
     check_html(html, sum(len(r["signals"]) for r in reports))
 
 
