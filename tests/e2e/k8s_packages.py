@@ -9,7 +9,8 @@
   way the API server prunes and validates: unknown fields are errors
   (structural schemas, no `x-kubernetes-preserve-unknown-fields` below
   them), types, enums, patterns, required fields, min/max. CEL rules
-  (`x-kubernetes-validations`) are not evaluated.
+  (`x-kubernetes-validations`) are not evaluated. `crds=` picks another
+  folder of schemas (an older release's, e.g. `CRDS / "eg-v1.8"`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ PACKAGES = {
     "gateway/istio": "Istio, classic ingress gateway",
     "gateway/istio-gateway-api": "Istio through the Gateway API",
     "gateway/envoy-gateway": "Envoy Gateway",
+    "gateway/envoy-gateway-module": "Envoy Gateway, tokentap as a dynamic module",
+    "gateway/istio-module-experimental": "Istio, classic ingress gateway, tokentap as a dynamic module (experimental)",
     "gpu-exporter": "gpu-exporter DaemonSet",
     "observability": "PrometheusRule and dashboards",
     "examples/vllm": "example vLLM runtime",
     "examples/gpu-exporter-servicemonitor": "gpu-exporter with a ServiceMonitor",
     "examples/pinned-images": "Istio gateway and gpu-exporter, images pinned by digest",
+    "examples/envoy-gateway-module-remote": "Envoy Gateway with the dynamic module fetched over HTTP(S)",
 }
 GATEWAY_PACKAGES = [p for p in PACKAGES if p.startswith("gateway/")]
 CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "policy/v1", "batch/v1"}
@@ -122,9 +126,9 @@ def istio_proxy_config(package: str = "gateway/istio") -> dict:
 # --- CRD schemas ----------------------------------------------------------------
 
 
-def _crd_file(obj: dict) -> Path:
+def _crd_file(obj: dict, crds: Path = CRDS) -> Path:
     group_version = obj["apiVersion"].replace("/", "_")
-    return CRDS / f"{group_version}_{obj['kind']}.json"
+    return crds / f"{group_version}_{obj['kind']}.json"
 
 
 def strict(schema: dict) -> dict:
@@ -158,8 +162,8 @@ def has_crd_schema(obj: dict) -> bool:
     return _crd_file(obj).exists()
 
 
-def crd_problems(obj: dict) -> list[str]:
-    path = _crd_file(obj)
+def crd_problems(obj: dict, crds: Path = CRDS) -> list[str]:
+    path = _crd_file(obj, crds)
     if not path.exists():
         return [f"{obj['apiVersion']} {obj['kind']}: no vendored CRD schema ({path.name})"]
     name = obj.get("metadata", {}).get("name")

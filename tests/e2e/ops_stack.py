@@ -235,13 +235,17 @@ def gateway_config(tmp: Path, *, stable_port: int, canary_port: int | None = Non
 
 def launch_envoy(tmp: Path, config: dict, ports: GatewayPorts, *, name: str = "envoy",
                  extra_args: Iterable[str] = (), env: dict | None = None, timeout: float = 30,
-                 wait_ready: bool = True) -> Envoy:
-    """Start Envoy on a prepared bootstrap (plus e.g. `--config-yaml`)."""
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+                 wait_ready: bool = True, envoy_bin: Path | None = None, as_json: bool = False) -> Envoy:
+    """Start Envoy on a prepared bootstrap (plus e.g. `--config-yaml`);
+    `envoy_bin`: another supported version's binary (harness.envoy_binary_for);
+    `as_json`: write the bootstrap as JSON, so numbers inside a
+    google.protobuf.Struct stay numbers as over xDS (Envoy's YAML loader
+    turns `1.0` there into a string)."""
+    path = tmp / f"{name}.{'json' if as_json else 'yaml'}"
+    path.write_text(json.dumps(config) if as_json else yaml.safe_dump(config, sort_keys=False))
     proc = Proc(
         name,
-        [envoy_binary(), "-c", path, "--concurrency", "2", "--base-id", str(next_base_id()),
+        [envoy_bin or envoy_binary(), "-c", path, "--concurrency", "2", "--base-id", str(next_base_id()),
          "--log-level", "info", "--component-log-level", "wasm:info", *extra_args],
         tmp / f"{name}.log",
         env=env,

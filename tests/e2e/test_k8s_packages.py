@@ -66,6 +66,7 @@ def test_every_kustomization_renders_and_every_file_is_used():
         k = yaml.safe_load((directory / "kustomization.yaml").read_text())
         entries = k.get("resources", []) + k.get("components", []) + k.get("transformers", [])
         entries += [f for g in k.get("configMapGenerator", []) for f in g.get("files", [])]
+        entries += [p["path"] for p in k.get("patches", []) if "path" in p]
         for entry in entries:
             target = (directory / entry).resolve()
             assert target.exists(), (directory, entry)
@@ -132,8 +133,8 @@ def test_rendered_custom_resources_match_their_crd_schemas():
     assert not problems, "\n".join(problems)
     kinds = {(d["apiVersion"], d["kind"]) for _, d in custom}
     assert {k for _, k in kinds} >= {"WasmPlugin", "EnvoyExtensionPolicy", "EnvoyProxy", "PodMonitor", "ServiceMonitor",
-                                     "PrometheusRule", "HTTPRoute", "VirtualService", "SecurityPolicy"}, kinds
-    assert len(kinds) == 14, sorted(kinds)
+                                     "PrometheusRule", "HTTPRoute", "VirtualService", "SecurityPolicy", "EnvoyFilter"}, kinds
+    assert len(kinds) == 15, sorted(kinds)
 
 
 def test_crd_check_rejects_unknown_fields_bad_enums_and_missing_fields():
@@ -259,14 +260,27 @@ def test_plugin_configuration_exists_once_and_reaches_every_platform():
     assert istio_plugin_config("gateway/istio") == source
     assert istio_plugin_config("gateway/istio-gateway-api") == source
     assert eg_plugin_config() == source
-    # The configuration object itself is local: kustomize never emits it.
+    # The dynamic-module packages: Envoy Gateway's module entry, Istio's
+    # EnvoyFilter (a Struct, which Envoy hands over as its JSON text): the
+    # same, but the tenant from the claim's header (k8s/components/module-tenant),
+    # with the same cap.
+    module_tenant = yaml.safe_load((K8S / "components" / "module-tenant" / "module-tenant.yaml").read_text())["tenant"]
+    assert module_tenant["max_values"] == source["tenant"]["max_values"] and "header" in module_tenant
+    (module,) = find(render("gateway/envoy-gateway-module"), "EnvoyExtensionPolicy", "tokentap")["spec"]["dynamicModule"]
+    assert json.loads(json.dumps(module["config"])) == {**source, "tenant": module_tenant}
+    (patch,) = find(render("gateway/istio-module-experimental"), "EnvoyFilter", "tokentap")["spec"]["configPatches"]
+    assert json.loads(json.dumps(patch["patch"]["value"]["typed_config"]["filter_config"]["value"])) == {**source, "tenant": module_tenant}
+    # The configuration objects themselves are local: kustomize never emits them.
     for package in GATEWAY_PACKAGES:
-        assert not any(d["kind"] == "TokentapPluginConfig" for d in render(package))
+        assert not any(d["kind"] in ("TokentapPluginConfig", "TokentapModuleTenant") for d in render(package))
     # No package source writes a configuration of its own.
     for p in (K8S / "gateway").rglob("*.yaml"):
         for d in (d for d in yaml.safe_load_all(p.read_text()) if d):
             assert "pluginConfig" not in d.get("spec", {}), p
-            assert all("config" not in w for w in d.get("spec", {}).get("wasm", [])), p
+            assert all("config" not in w for w in d.get("spec", {}).get("wasm") or []), p
+            assert all("config" not in m for m in d.get("spec", {}).get("dynamicModule", [])), p
+            for c in d.get("spec", {}).get("configPatches", []):
+                assert "value" not in c["patch"]["value"]["typed_config"].get("filter_config", {}), p
 
 
 def test_route_and_backend_labels_read_the_same_on_every_platform():
