@@ -12,6 +12,13 @@ client would.
   container toolkit puts the real one, it loads NVML by name and serves GPU
   metrics. Not run here: a registry push and pull, a kubelet, the real
   toolkit and NVML (docs/operations.md says what was run).
+* Dynamic-module image: files only, one layer holding exactly
+  /abi-vX.Y/libtokentap_module.so (the built library byte for byte, readable
+  by any user: Envoy runs as non-root), X.Y and the `abi` label from the ABI
+  the source declares, the platform from the library's ELF machine; same
+  library, same digest. The packages load the library from where the image
+  puts it under their mount. The recipe refuses a library that needs
+  libgcc_s or was built for another ABI, and a registry tag without the ABI.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import Proc, bin_path, free_port, get, lib_path, wait_http_ok, WASM
+from harness import MODULE, Proc, bin_path, free_port, get, lib_path, wait_http_ok, WASM
 from k8s_packages import K8S, eg_extension_policy, find, kustomize, render
+from module_artifact import MODULE_IMAGE, abi_folder, abi_version, elf_machine
 from ops_stack import system_tool
 
 BUILD = K8S / "images" / "build.sh"
@@ -124,6 +132,21 @@ def test_manifests_name_the_images_the_recipes_build(tmp_path):
     digest = re.compile(r"@sha256:[0-9a-f]{64}$")
     assert wp == "oci://" + eep and eep.startswith("ghcr.io/tokentap/tokentap-filter@") and digest.search(eep)
     assert ds_container["image"].startswith("ghcr.io/tokentap/gpu-exporter@") and digest.search(ds_container["image"])
+    # The module packages' image volume, pinned the same way (and their
+    # unpinned tag names the library's ABI).
+    for package, volumes in (("envoy-gateway-module", lambda docs: find(docs, "EnvoyProxy")["spec"]["provider"]["kubernetes"]["envoyDeployment"]["pod"]["volumes"]),
+                             ("istio-module-experimental", lambda docs: find(docs, "Deployment")["spec"]["template"]["spec"]["volumes"])):
+        (volume,) = volumes(render(f"gateway/{package}"))
+        assert volume["image"]["reference"].startswith(MODULE_IMAGE + ":") and volume["image"]["reference"].endswith("-" + abi_folder())
+        overlay = tmp_path / package
+        overlay.mkdir()
+        (overlay / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources: [{os.path.relpath(K8S / 'gateway' / package, overlay)}]\n"
+            f"components: [{os.path.relpath(K8S / 'components' / 'pinned-images', overlay)}]\n")
+        (pinned_volume,) = volumes(list(yaml.safe_load_all(kustomize(overlay))))
+        reference = pinned_volume["image"]["reference"]
+        assert reference.startswith(MODULE_IMAGE + "@") and digest.search(reference), reference
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +208,92 @@ def test_exporter_image_runs_from_its_own_root_filesystem_as_non_root(exporter_i
         assert uid_line.split()[1:] == ["65532"] * 4, uid_line
     finally:
         proc.stop()
+
+
+# --- the dynamic module's image ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def module_image(tmp_path_factory) -> tuple[str, OciLayout]:
+    if not MODULE.exists():
+        pytest.skip(f"{MODULE} missing: cargo build -p tokentap-module --profile module")
+    system_tool("readelf")
+    tmp = tmp_path_factory.mktemp("module-image")
+    digest = build("module", MODULE, tmp / "store", tmp / "oci")
+    return digest, OciLayout(tmp / "oci")
+
+
+def test_module_image_holds_the_library_under_its_abi_folder(module_image):
+    digest, image = module_image
+    assert digest == image.digest == "sha256:" + hashlib.sha256(image.manifest_bytes).hexdigest()
+    (layer,) = image.manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    members = image.layer_members()
+    library = f"{abi_folder()}/libtokentap_module.so"
+    assert set(members) == {abi_folder(), library}, sorted(members)
+    assert members[abi_folder()].isdir() and members[abi_folder()].mode & 0o7777 == 0o755
+    member = members[library]
+    assert member.isfile() and member.mode & 0o7777 == 0o644 and (member.uid, member.gid) == (0, 0)
+    assert image.layer_file(library) == MODULE.read_bytes()
+    config = image.config
+    assert config["created"] == "1970-01-01T00:00:00Z"
+    assert config["config"]["Labels"]["dev.tokentap.module.abi"] == abi_version()
+    assert not config["config"].get("Entrypoint") and not config["config"].get("Cmd")
+    arch = {"Advanced Micro Devices X86-64": "amd64", "AArch64": "arm64"}[elf_machine(MODULE)]
+    assert (config["os"], config["architecture"]) == ("linux", arch)
+
+
+def test_module_image_digest_is_reproducible_and_follows_the_library(module_image, tmp_path):
+    digest, _ = module_image
+    assert build("module", MODULE, tmp_path / "store-again", tmp_path / "again") == digest
+    other = tmp_path / "libtokentap_module.so"
+    other.write_bytes(MODULE.read_bytes() + b"\0")
+    assert build("module", other, tmp_path / "store-other", tmp_path / "other") != digest
+
+
+def test_packages_load_the_library_from_where_the_image_puts_it(module_image):
+    _, image = module_image
+    files = {n for n, m in image.layer_members().items() if m.isfile()}
+    proxy = find(render("gateway/envoy-gateway-module"), "EnvoyProxy")
+    deployment = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]
+    (mount,) = deployment["container"]["volumeMounts"]
+    (entry,) = proxy["spec"]["dynamicModules"]
+    (volume,) = deployment["pod"]["volumes"]
+    assert volume["name"] == mount["name"] and volume["image"]["reference"].startswith(MODULE_IMAGE + ":")
+    assert entry["source"]["local"]["path"].removeprefix(mount["mountPath"].rstrip("/") + "/") in files
+    docs = render("gateway/istio-module-experimental")
+    (patch,) = find(docs, "EnvoyFilter")["spec"]["configPatches"]
+    filename = patch["patch"]["value"]["typed_config"]["dynamic_module_config"]["module"]["local"]["filename"]
+    (container,) = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (istio_mount,) = container["volumeMounts"]
+    assert filename.removeprefix(istio_mount["mountPath"].rstrip("/") + "/") in files
+
+
+def stage(library: Path, root: Path) -> subprocess.CompletedProcess:
+    system_tool("readelf")
+    return subprocess.run([str(K8S / "images" / "stage-module.sh"), str(library), str(root)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_module_recipe_refuses_libgcc_s_another_abi_and_an_unnamed_tag(tmp_path):
+    """The release guards, before anything is built or pushed (no buildah needed)."""
+    if not MODULE.exists():
+        pytest.skip(f"{MODULE} missing: cargo build -p tokentap-module --profile module")
+    staged = stage(MODULE, tmp_path / "ok")
+    assert staged.returncode == 0, staged.stderr
+    assert staged.stdout.split()[0] == abi_version()
+    # A library that needs the shared unwinder (libstdc++ does).
+    libstdcxx = Path("/usr/lib/x86_64-linux-gnu/libstdc++.so.6")
+    if libstdcxx.exists():
+        refused = stage(libstdcxx, tmp_path / "cxx")
+        assert refused.returncode != 0 and "needs libgcc_s.so.1" in refused.stderr, refused.stderr
+        assert not (tmp_path / "cxx").exists()
+    # A library built for another ABI than the source declares.
+    other = tmp_path / "other-abi.so"
+    other.write_bytes(MODULE.read_bytes().replace(abi_version().encode() + b"\0", b"v9.9.9\0"))
+    refused = stage(other, tmp_path / "other")
+    assert refused.returncode != 0 and f"does not carry ABI {abi_version()}" in refused.stderr, refused.stderr
+    # A registry tag that does not name the ABI (refused before the build).
+    result = subprocess.run([str(BUILD), "module", str(MODULE), "docker://registry.invalid/tokentap-module:0.1.0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"must end in -{abi_folder()}" in result.stderr, result.stderr
