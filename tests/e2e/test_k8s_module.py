@@ -210,7 +210,8 @@ def test_module_library_is_on_the_image_volume_under_its_abi_folder():
     version = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["version"]
     proxy = find(render(EG_MODULE), "EnvoyProxy")
     (entry,) = proxy["spec"]["dynamicModules"]
-    assert entry["source"]["type"] == "Local"
+    # The source union's CEL rules (not evaluated by the schema check).
+    assert set(entry["source"]) == {"type", "local"} and entry["source"]["type"] == "Local"
     dep = eg_proxy_container(proxy)
     eg_volume, eg_inside = mounted_library(dep["pod"]["volumes"], dep["container"]["volumeMounts"], entry["source"]["local"]["path"])
     docs = render(ISTIO_MODULE)
@@ -422,6 +423,10 @@ def test_envoy_gateway_remote_example_fetches_and_runs_the_module(logdir, releas
     example = render("examples/envoy-gateway-module-remote")
     dep = eg_proxy_container(find(example, "EnvoyProxy"))
     assert "pod" not in dep and "volumeMounts" not in dep["container"]
+    # The source union's CEL rules (not evaluated by the schema check):
+    # Remote has `remote` and no `local`.
+    (entry,) = find(example, "EnvoyProxy")["spec"]["dynamicModules"]
+    assert set(entry["source"]) == {"type", "remote"} and entry["source"]["type"] == "Remote"
     sha256 = hashlib.sha256(MODULE.read_bytes()).hexdigest()
     sim = start_sim(logdir, "--ttft-ms", "5", "--itl-ms", "1")
     with serving(MODULE.parent) as site:
