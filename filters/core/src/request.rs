@@ -12,7 +12,7 @@ use crate::host::{millis_between, Clock, HttpView};
 use crate::json_scan::ScanStatus;
 use crate::labels::sanitize;
 use crate::openai::{
-    JsonResponseReader, RequestFacts, RequestReader, ResponseFacts, StreamFacts, StreamReader,
+    Api, JsonResponseReader, RequestFacts, RequestReader, ResponseFacts, StreamFacts, StreamReader,
     Usage,
 };
 use crate::rag::RagSignals;
@@ -408,9 +408,16 @@ impl RequestObserver {
             }
             ResponseReader::Skip
         } else if content_type.starts_with(b"text/event-stream") {
-            ResponseReader::Stream(Box::default())
+            ResponseReader::Stream(Box::new(match self.operation {
+                Operation::Responses | Operation::Messages => {
+                    StreamReader::for_api(Api::of(self.operation))
+                }
+                _ => StreamReader::default(),
+            }))
         } else if contains(&content_type, b"json") {
-            ResponseReader::Json(Box::default())
+            ResponseReader::Json(Box::new(JsonResponseReader::for_api(Api::of(
+                self.operation,
+            ))))
         } else {
             if success {
                 self.unparsed = Some(Unparsed::ContentType);
@@ -524,8 +531,17 @@ impl RequestObserver {
             ResponseReader::Pending | ResponseReader::Skip => {}
         }
 
-        let (usage, usage_source, response_model, finish_reason) = if streamed {
-            let source = if !stream.usage.is_empty() {
+        let typed_api = matches!(self.operation, Operation::Responses | Operation::Messages);
+        let (mut usage, usage_source, response_model, finish_reason) = if streamed {
+            let source = if typed_api
+                && stream.usage.completion_tokens.is_none()
+                && stream.content_events > 0
+            {
+                // The Responses/Messages usage that counts the answer comes
+                // last (`response.completed`, `message_delta`): without it
+                // the answer is estimated, whatever came before.
+                UsageSource::Estimated
+            } else if !stream.usage.is_empty() {
                 UsageSource::Reported
             } else if stream.content_events > 0 {
                 UsageSource::Estimated
@@ -541,6 +557,16 @@ impl RequestObserver {
             };
             (json.usage, source, json.model, json.finish_reason)
         };
+
+        if self.operation == Operation::Messages {
+            // Anthropic's `input_tokens` leaves out the tokens read from and
+            // written to the cache; OpenAI's prompt tokens (and OTel's
+            // `gen_ai.usage.input_tokens`) count every input token.
+            usage.prompt_tokens = usage.prompt_tokens.map(|p| {
+                p.saturating_add(usage.cached_tokens.unwrap_or(0))
+                    .saturating_add(usage.cache_creation_tokens.unwrap_or(0))
+            });
+        }
 
         let cache_hit = if usage.cached_tokens.is_some_and(|c| c > 0) {
             Some(CacheHit::PromptCache)

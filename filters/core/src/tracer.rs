@@ -181,7 +181,7 @@ pub fn build_span(
     labeler: &Labeler,
     provider: &str,
 ) -> SpanRecord {
-    let op = rec.operation.as_str();
+    let op = rec.operation.gen_ai_name();
     let name = sc::span_name(op, rec.request_model_sent.as_deref());
     let mut span = SpanRecord::new(start, name, SpanKind::Server, rec.start_ns);
     let text = |d: Dimension, id| labeler.text(d, id).to_string();
@@ -199,10 +199,7 @@ pub fn build_span(
     if let Some(m) = &rec.response_model {
         span.set_attribute(sc::GEN_AI_RESPONSE_MODEL, m.clone());
     }
-    if matches!(
-        rec.operation,
-        crate::config::Operation::Chat | crate::config::Operation::TextCompletion
-    ) {
+    if rec.operation.streams() {
         span.set_attribute(sc::GEN_AI_REQUEST_STREAM, rec.request_stream);
     }
     if rec.usage_source == crate::request::UsageSource::Reported {
@@ -216,6 +213,12 @@ pub fn build_span(
         }
         if let Some(c) = rec.usage.cached_tokens {
             span.set_attribute(sc::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, c);
+        }
+        if let Some(c) = rec.usage.cache_creation_tokens {
+            span.set_attribute(sc::GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, c);
+        }
+        if let Some(r) = rec.usage.reasoning_tokens {
+            span.set_attribute(sc::TOKENTAP_USAGE_REASONING_TOKENS, r);
         }
     } else if rec.usage_source == crate::request::UsageSource::Estimated {
         if let Some(c) = rec.completion_tokens() {

@@ -80,6 +80,11 @@ vocabulary! {
         Prompt => "prompt",
         Completion => "completion",
         Cached => "cached",
+        /// Completion tokens spent on reasoning (a part of `completion`).
+        Reasoning => "reasoning",
+        /// Prompt tokens written to a prompt cache (Anthropic
+        /// `cache_creation_input_tokens`; a part of `prompt`).
+        CacheCreation => "cache_creation",
     }
 }
 

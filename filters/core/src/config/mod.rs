@@ -25,10 +25,12 @@ pub use raw::{
 };
 
 /// The request paths tokentap treats as LLM traffic unless configured otherwise.
-pub const DEFAULT_LLM_PATHS: [(&str, Operation); 3] = [
+pub const DEFAULT_LLM_PATHS: [(&str, Operation); 5] = [
     ("/v1/chat/completions", Operation::Chat),
     ("/v1/completions", Operation::TextCompletion),
     ("/v1/embeddings", Operation::Embeddings),
+    ("/v1/responses", Operation::Responses),
+    ("/v1/messages", Operation::Messages),
 ];
 
 /// A configuration error, naming the field.
@@ -47,13 +49,21 @@ fn field_err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError
     }
 }
 
-/// The OpenAI operation, which is also the OTel `gen_ai.operation.name`.
+/// The API an LLM path speaks: OpenAI chat completions, completions and
+/// embeddings, the OpenAI Responses API (`responses`) and the Anthropic
+/// Messages API (`messages`). [`Operation::as_str`] is the configuration
+/// and filter-state name; [`Operation::gen_ai_name`] the OTel
+/// `gen_ai.operation.name`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
     Chat,
     TextCompletion,
     Embeddings,
+    /// OpenAI Responses API (`/v1/responses`).
+    Responses,
+    /// Anthropic Messages API (`/v1/messages`).
+    Messages,
     Other,
 }
 
@@ -63,8 +73,31 @@ impl Operation {
             Operation::Chat => "chat",
             Operation::TextCompletion => "text_completion",
             Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
+            Operation::Messages => "messages",
             Operation::Other => "other",
         }
+    }
+
+    /// The OTel GenAI `gen_ai.operation.name`: the Responses and Messages
+    /// APIs are chat operations in the conventions (`chat`), as chat
+    /// completions are.
+    pub fn gen_ai_name(self) -> &'static str {
+        match self {
+            Operation::Responses | Operation::Messages => "chat",
+            other => other.as_str(),
+        }
+    }
+
+    /// Whether the request body names `stream` (every API but embeddings).
+    pub fn streams(self) -> bool {
+        matches!(
+            self,
+            Operation::Chat
+                | Operation::TextCompletion
+                | Operation::Responses
+                | Operation::Messages
+        )
     }
 
     fn infer(path: &str) -> Operation {
@@ -74,6 +107,10 @@ impl Operation {
             Operation::TextCompletion
         } else if path.ends_with("/embeddings") {
             Operation::Embeddings
+        } else if path.ends_with("/responses") {
+            Operation::Responses
+        } else if path.ends_with("/messages") {
+            Operation::Messages
         } else {
             Operation::Other
         }

@@ -16,6 +16,7 @@
 //! The stream reader lives in `stream.rs`, its byte-search fast path in
 //! `quick.rs`.
 
+mod agentic;
 mod quick;
 mod stream;
 #[cfg(test)]
@@ -26,6 +27,31 @@ use crate::labels::sanitize;
 
 pub use stream::{StreamFacts, StreamReader};
 
+/// Which response shapes a body speaks. Chat completions, completions and
+/// embeddings share OpenAI's (`choices`, `usage`); the OpenAI Responses API
+/// and the Anthropic Messages API each have their own typed events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Api {
+    #[default]
+    OpenAi,
+    /// OpenAI Responses API: `response.*` events, usage in
+    /// `response.completed`.
+    Responses,
+    /// Anthropic Messages API: `message_start` / `content_block_delta` /
+    /// `message_delta` events.
+    Messages,
+}
+
+impl Api {
+    pub fn of(operation: crate::config::Operation) -> Api {
+        match operation {
+            crate::config::Operation::Responses => Api::Responses,
+            crate::config::Operation::Messages => Api::Messages,
+            _ => Api::OpenAi,
+        }
+    }
+}
+
 /// Longest model name or error type kept from a body.
 const MAX_TEXT: usize = 64;
 
@@ -35,8 +61,12 @@ pub struct Usage {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
+    /// Prompt tokens read from a cache (`cached_tokens`,
+    /// `cache_read_input_tokens`).
     pub cached_tokens: Option<u64>,
     pub reasoning_tokens: Option<u64>,
+    /// Prompt tokens written to a cache (`cache_creation_input_tokens`).
+    pub cache_creation_tokens: Option<u64>,
 }
 
 impl Usage {
@@ -66,6 +96,7 @@ impl Usage {
             (1, Some(b"completion_tokens" | b"output_tokens"), _) => self.completion_tokens = v,
             (1, Some(b"total_tokens"), _) => self.total_tokens = v,
             (1, Some(b"cache_read_input_tokens"), _) => self.cached_tokens = v,
+            (1, Some(b"cache_creation_input_tokens"), _) => self.cache_creation_tokens = v,
             (
                 2,
                 Some(b"prompt_tokens_details" | b"input_tokens_details"),
@@ -95,6 +126,7 @@ impl Usage {
         take!(total_tokens);
         take!(cached_tokens);
         take!(reasoning_tokens);
+        take!(cache_creation_tokens);
     }
 }
 
@@ -228,6 +260,7 @@ pub struct ResponseFacts {
 
 struct ResponseVisitor<'a> {
     facts: &'a mut ResponseFacts,
+    api: Api,
 }
 
 impl JsonVisitor for ResponseVisitor<'_> {
@@ -252,6 +285,7 @@ impl JsonVisitor for ResponseVisitor<'_> {
                     self.facts.finish_reason = Some(r);
                 }
             }
+            _ if self.api != Api::OpenAi => self.other_api(path, &value),
             _ => {}
         }
     }
@@ -263,17 +297,53 @@ impl JsonVisitor for ResponseVisitor<'_> {
     }
 }
 
+impl ResponseVisitor<'_> {
+    /// The finish reason of a Responses object (`incomplete_details.reason`,
+    /// else its terminal `status`) or of a Messages one (`stop_reason`).
+    fn other_api(&mut self, path: &Path<'_>, value: &Scalar<'_>) {
+        let keep = |v: &Scalar<'_>| v.as_str().and_then(keep_text);
+        match (self.api, path.len(), path.key(0), path.key(1)) {
+            (Api::Messages, 1, Some(b"stop_reason"), _) => {
+                if let Some(r) = keep(value) {
+                    self.facts.finish_reason = Some(r);
+                }
+            }
+            (Api::Responses, 1, Some(b"status"), _) => {
+                if let Some(r) = keep(value).filter(|s| agentic::terminal_status(s)) {
+                    self.facts.finish_reason.get_or_insert(r);
+                }
+            }
+            (Api::Responses, 2, Some(b"incomplete_details"), Some(b"reason")) => {
+                if let Some(r) = keep(value) {
+                    self.facts.finish_reason = Some(r);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Streams a JSON response body.
 #[derive(Clone, Debug, Default)]
 pub struct JsonResponseReader {
     scanner: JsonScanner,
     facts: ResponseFacts,
+    api: Api,
 }
 
 impl JsonResponseReader {
+    /// A reader for the response bodies of `api`.
+    pub fn for_api(api: Api) -> Self {
+        Self {
+            api,
+            ..Self::default()
+        }
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut v = ResponseVisitor {
             facts: &mut self.facts,
+            api: self.api,
         };
         self.scanner.feed(chunk, &mut v);
     }
@@ -281,6 +351,7 @@ impl JsonResponseReader {
     pub fn finish(&mut self) -> (ResponseFacts, ScanStatus) {
         let mut v = ResponseVisitor {
             facts: &mut self.facts,
+            api: self.api,
         };
         let status = self.scanner.finish(&mut v);
         (self.facts.clone(), status)

@@ -2,20 +2,30 @@
 //! response, from the SSE framer and a JSON scan of each event (or the
 //! byte-search fast path for the common small chunk).
 
+use super::agentic::{self, Kind, MessagesVisitor, ResponsesVisitor};
 use super::quick::{quick_classify_at, Quick, Template};
-use super::{keep_text, Usage};
+use super::{keep_text, Api, Usage};
 use crate::json_scan::{Container, JsonScanner, JsonVisitor, Path, Scalar, ScanStatus};
 use crate::sse::{DataSink, EventMeta, SseFramer};
 
 /// Facts of one SSE event's JSON data.
 #[derive(Clone, Debug, Default)]
-struct EventFacts {
-    has_content: bool,
-    usage: Usage,
-    model: Option<String>,
-    has_error: bool,
-    error_type: Option<String>,
-    finish_reason: Option<String>,
+pub(super) struct EventFacts {
+    pub has_content: bool,
+    pub usage: Usage,
+    pub model: Option<String>,
+    pub has_error: bool,
+    pub error_type: Option<String>,
+    pub finish_reason: Option<String>,
+    // Notes of the Responses and Messages readers, settled at the event's
+    // end (`agentic::settle`).
+    pub kind: Kind,
+    /// A non-empty text delta (or text block start).
+    pub text: bool,
+    /// A tool-use block start.
+    pub tool: bool,
+    /// A top-level `code` (Responses `error` event).
+    pub code: Option<String>,
 }
 
 struct EventVisitor<'a> {
@@ -170,6 +180,8 @@ struct StreamSink {
     template: Template,
     /// Compare with `template` at all (tests turn it off to compare).
     use_template: bool,
+    /// The response shapes being read.
+    api: Api,
 }
 
 impl Default for StreamSink {
@@ -184,17 +196,48 @@ impl Default for StreamSink {
             quick: true,
             template: Template::default(),
             use_template: true,
+            api: Api::OpenAi,
         }
     }
 }
 
 impl StreamSink {
     fn feed_scanner(&mut self, bytes: &[u8]) {
-        let mut v = EventVisitor {
-            facts: &mut self.event,
-            want_model: self.facts.model.is_none(),
-        };
-        self.scanner.feed(bytes, &mut v);
+        let want_model = self.facts.model.is_none();
+        let facts = &mut self.event;
+        match self.api {
+            Api::OpenAi => self
+                .scanner
+                .feed(bytes, &mut EventVisitor { facts, want_model }),
+            Api::Responses => self
+                .scanner
+                .feed(bytes, &mut ResponsesVisitor { facts, want_model }),
+            Api::Messages => self
+                .scanner
+                .feed(bytes, &mut MessagesVisitor { facts, want_model }),
+        }
+    }
+
+    fn finish_scanner(&mut self) -> ScanStatus {
+        let want_model = self.facts.model.is_none();
+        let facts = &mut self.event;
+        match self.api {
+            Api::OpenAi => self.scanner.finish(&mut EventVisitor { facts, want_model }),
+            Api::Responses => {
+                let status = self
+                    .scanner
+                    .finish(&mut ResponsesVisitor { facts, want_model });
+                agentic::settle(facts);
+                status
+            }
+            Api::Messages => {
+                let status = self
+                    .scanner
+                    .finish(&mut MessagesVisitor { facts, want_model });
+                agentic::settle(facts);
+                status
+            }
+        }
     }
 
     fn content_event(&mut self) {
@@ -264,11 +307,7 @@ impl DataSink for StreamSink {
             self.feed_scanner(&held);
             self.pending = held;
         }
-        let mut v = EventVisitor {
-            facts: &mut self.event,
-            want_model: self.facts.model.is_none(),
-        };
-        let status = self.scanner.finish(&mut v);
+        let status = self.finish_scanner();
         let event = std::mem::take(&mut self.event);
         self.reset_event();
         if status != ScanStatus::Complete {
@@ -308,6 +347,18 @@ impl StreamSink {
 }
 
 impl StreamReader {
+    /// A reader of the event streams of `api`. The Responses and Messages
+    /// APIs take the full parse for every event (their events are typed,
+    /// not OpenAI chunks, so the chunk fast path would only give up).
+    pub fn for_api(api: Api) -> Self {
+        let mut r = Self::default();
+        r.sink.api = api;
+        if api != Api::OpenAi {
+            r.sink.quick = false;
+        }
+        r
+    }
+
     /// A reader that parses every event fully (the reference the fast path
     /// is tested against).
     pub fn without_fast_path() -> Self {
