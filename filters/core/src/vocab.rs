@@ -89,6 +89,20 @@ vocabulary! {
 }
 
 vocabulary! {
+    /// Kind of token in the GenAI conventions (`gen_ai_token_type`): input =
+    /// prompt, output = completion, cached_input = cached prompt tokens.
+    /// `cache_creation_input` is Envoy AI Gateway's value for Anthropic
+    /// cache writes.
+    GenAiTokenType {
+        Input => "input",
+        Output => "output",
+        CachedInput => "cached_input",
+        CacheCreationInput => "cache_creation_input",
+        Reasoning => "reasoning",
+    }
+}
+
+vocabulary! {
     /// Where token counts came from (`source`).
     TokenSource {
         /// `usage` reported by the runtime.
@@ -219,6 +233,7 @@ mod tests {
     fn every_vocabulary_round_trips_and_ids_are_positions() {
         ids_are_positions::<ErrorType>();
         ids_are_positions::<TokenType>();
+        ids_are_positions::<GenAiTokenType>();
         ids_are_positions::<TokenSource>();
         ids_are_positions::<CacheHit>();
         ids_are_positions::<ParseErrorKind>();

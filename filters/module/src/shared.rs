@@ -68,7 +68,7 @@ impl Shared {
             }
         }
         let stats = match kind {
-            FilterKind::Tokentap => StatIds::define(handle)?,
+            FilterKind::Tokentap => StatIds::define(handle, config.metrics.naming)?,
             FilterKind::Empty => StatIds::default(),
         };
         let resource = config.tracing.as_ref().map(resource_for);

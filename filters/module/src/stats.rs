@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 
+use tokentap_core::config::Naming;
 use tokentap_core::host::{HostError, MetricKind, MetricsHost};
 use tokentap_core::metrics::{decode_stat_name, Family};
 
@@ -44,11 +45,11 @@ pub struct StatIds {
 pub const PANICS: &str = "llm_gateway_module_panics_total";
 
 impl StatIds {
-    /// Defines one stat per catalogue family (three counters per
-    /// histogram: `_bucket` with `le`, `_sum`, `_count`).
-    pub fn define(config: &ConfigHandle) -> Result<StatIds, String> {
+    /// Defines one stat per catalogue family published under `naming`
+    /// (three counters per histogram: `_bucket` with `le`, `_sum`, `_count`).
+    pub fn define(config: &ConfigHandle, naming: Naming) -> Result<StatIds, String> {
         let mut ids = StatIds::default();
-        for family in Family::ALL {
+        for family in Family::ALL.iter().filter(|f| f.published(naming)) {
             let def = family.def();
             let labels: Vec<&'static str> = def.labels.iter().map(|l| l.name()).collect();
             match def.kind {

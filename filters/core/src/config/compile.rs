@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use crate::labels::FxHashMap;
 
-use super::raw::{CacheHitHeader, Limits, RagConfig, TenantConfig, TracingConfig, WorkloadEntry};
+use super::raw::{
+    CacheHitHeader, Limits, MetricsConfig, RagConfig, TenantConfig, TracingConfig, WorkloadEntry,
+};
 use super::{
     field_err, Config, ConfigError, LlmPathSpec, Operation, RawConfig, TenantSource, Workload,
     DEFAULT_LLM_PATHS,
@@ -108,8 +110,30 @@ impl Config {
             rag_header_prefix: rag.header_prefix,
             tracing,
             filter_state: raw.filter_state,
+            metrics: metrics(&raw, max_len)?,
         })
     }
+}
+
+/// The `metrics` section, with the provider name resolved.
+fn metrics(raw: &RawConfig, max_len: usize) -> Result<MetricsConfig, ConfigError> {
+    let provider = match &raw.metrics.provider_name {
+        Some(p) => match sanitize(p.as_bytes(), max_len) {
+            Some(clean) if clean == *p => clean,
+            _ => {
+                return Err(field_err(
+                    "metrics.provider_name",
+                    format!("`{p}` is not a valid label value (allowed: letters, digits, `-_.:/`, at most {max_len} characters)"),
+                ))
+            }
+        },
+        None => sanitize(raw.tracing.provider_name.as_bytes(), max_len)
+            .unwrap_or_else(|| "vllm".into()),
+    };
+    Ok(MetricsConfig {
+        naming: raw.metrics.naming,
+        provider_name: Some(provider),
+    })
 }
 
 fn check_limits(limits: &Limits) -> Result<(), ConfigError> {

@@ -20,8 +20,8 @@ use serde::Deserialize;
 use crate::labels::{Admission, Dimension};
 
 pub use raw::{
-    CacheHitHeader, FilterStateMode, Limits, LlmPathSpec, MetadataSource, RagConfig, RawConfig,
-    TenantConfig, TracingConfig, UsageConfig, WorkloadEntry,
+    CacheHitHeader, FilterStateMode, Limits, LlmPathSpec, MetadataSource, MetricsConfig, Naming,
+    RagConfig, RawConfig, TenantConfig, TracingConfig, UsageConfig, WorkloadEntry,
 };
 
 /// The request paths tokentap treats as LLM traffic unless configured otherwise.
@@ -166,6 +166,8 @@ pub struct Config {
     pub rag_header_prefix: String,
     pub tracing: Option<TracingConfig>,
     pub filter_state: FilterStateMode,
+    /// Metric naming and the GenAI provider name (always set).
+    pub metrics: MetricsConfig,
 }
 
 impl Config {

@@ -234,6 +234,44 @@ pub struct RawConfig {
     /// logs and tracing.
     #[serde(default)]
     pub filter_state: FilterStateMode,
+    /// Which metric names are published.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Metric naming: tokentap's `llm_gateway_*` histograms, the OpenTelemetry
+/// GenAI conventions in Prometheus form (`gen_ai_*`), or both during a
+/// migration. Families the conventions do not define keep their names in
+/// every naming (`docs/metrics.md`, "Naming").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Naming {
+    #[default]
+    LlmGateway,
+    GenAi,
+    Both,
+}
+
+impl Naming {
+    /// Whether tokentap's own latency and token histograms are published.
+    pub fn llm_gateway(self) -> bool {
+        matches!(self, Naming::LlmGateway | Naming::Both)
+    }
+
+    /// Whether the GenAI-conventions histograms are published.
+    pub fn gen_ai(self) -> bool {
+        matches!(self, Naming::GenAi | Naming::Both)
+    }
+}
+
+/// The `metrics` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub naming: Naming,
+    /// `gen_ai_provider_name` of the GenAI metrics; default:
+    /// `tracing.provider_name` (`vllm`). Filled in by validation.
+    pub provider_name: Option<String>,
 }
 
 /// Filter-state publishing. Each filter-state write is a host call that

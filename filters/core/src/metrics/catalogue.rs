@@ -2,11 +2,12 @@
 //! unit, help and (for histograms) bucket bounds. `docs/metrics.md` holds the
 //! table [`markdown_table`] renders; a test fails when they drift apart.
 
+use crate::config::Naming;
 use crate::host::MetricKind;
 use crate::labels::Dimension;
 use crate::vocab::{
-    self, CacheHit, ErrorType, InjectionResult, ParseErrorKind, RagError, RagEvaluation,
-    SpanDropReason, SpanExportResult, TokenSource, TokenType, Unparsed,
+    self, CacheHit, ErrorType, GenAiTokenType, InjectionResult, ParseErrorKind, RagError,
+    RagEvaluation, SpanDropReason, SpanExportResult, TokenSource, TokenType, Unparsed,
 };
 
 /// A label of a metric family.
@@ -28,6 +29,16 @@ pub enum LabelKey {
     SpanExport,
     RagEvaluation,
     RagError,
+    /// `gen_ai.operation.name`: the request's API (`chat`, ...).
+    GenAiOperation,
+    /// `gen_ai.provider.name`: configured (`metrics.provider_name`).
+    GenAiProvider,
+    /// `gen_ai.request.model`: the `model` label's value.
+    GenAiRequestModel,
+    /// `gen_ai.response.model`: the response's `model`, bounded like `model`.
+    GenAiResponseModel,
+    /// `gen_ai.token.type`.
+    GenAiTokenType,
 }
 
 impl LabelKey {
@@ -44,13 +55,24 @@ impl LabelKey {
             LabelKey::ParseErrorKind => "kind",
             LabelKey::Unparsed | LabelKey::SpanDrop | LabelKey::RagError => "reason",
             LabelKey::Injection | LabelKey::SpanExport | LabelKey::RagEvaluation => "result",
+            LabelKey::GenAiOperation => "gen_ai_operation_name",
+            LabelKey::GenAiProvider => "gen_ai_provider_name",
+            LabelKey::GenAiRequestModel => "gen_ai_request_model",
+            LabelKey::GenAiResponseModel => "gen_ai_response_model",
+            LabelKey::GenAiTokenType => "gen_ai_token_type",
         }
     }
 
     /// The closed set of values, for labels that have one.
     pub fn values(self) -> Option<Vec<&'static str>> {
         Some(match self {
-            LabelKey::Dim(_) | LabelKey::Status => return None,
+            LabelKey::Dim(_)
+            | LabelKey::Status
+            | LabelKey::GenAiOperation
+            | LabelKey::GenAiProvider
+            | LabelKey::GenAiRequestModel
+            | LabelKey::GenAiResponseModel => return None,
+            LabelKey::GenAiTokenType => vocab::values::<GenAiTokenType>(),
             LabelKey::ErrorType => vocab::values::<ErrorType>(),
             LabelKey::TokenType => vocab::values::<TokenType>(),
             LabelKey::TokenSource => vocab::values::<TokenSource>(),
@@ -70,6 +92,9 @@ impl LabelKey {
     /// the family's series budget is spent).
     pub fn request_derived(self) -> bool {
         matches!(
+            self,
+            LabelKey::GenAiRequestModel | LabelKey::GenAiResponseModel
+        ) || matches!(
             self,
             LabelKey::Dim(
                 Dimension::Route
@@ -151,8 +176,37 @@ const RAG_ERRORS: &[LabelKey] = &[
     LabelKey::RagError,
 ];
 
+/// The GenAI duration histograms: the conventions' attributes in their
+/// Prometheus form (`error_type` empty, i.e. absent, on success), then
+/// tokentap's workload labels.
+const GEN_AI_DURATION: &[LabelKey] = &[
+    LabelKey::GenAiOperation,
+    LabelKey::GenAiProvider,
+    LabelKey::GenAiRequestModel,
+    LabelKey::GenAiResponseModel,
+    LabelKey::ErrorType,
+    ROUTE,
+    MODEL,
+    ROUTE_CLASS,
+    TEAM,
+    BACKEND,
+];
+/// The GenAI token-usage histogram.
+const GEN_AI_TOKENS: &[LabelKey] = &[
+    LabelKey::GenAiOperation,
+    LabelKey::GenAiProvider,
+    LabelKey::GenAiRequestModel,
+    LabelKey::GenAiResponseModel,
+    LabelKey::GenAiTokenType,
+    ROUTE,
+    MODEL,
+    ROUTE_CLASS,
+    TEAM,
+    BACKEND,
+];
+
 /// Most labels any family has.
-pub const MAX_LABELS: usize = 8;
+pub const MAX_LABELS: usize = 11;
 
 /// Bucket upper bounds (the `+Inf` bucket is implicit).
 const LATENCY_MS: &[u64] = &[
@@ -176,6 +230,32 @@ const RAG_MS: &[u64] = &[1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
 const SCORE_X100: &[u64] = &[10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100];
 const SOURCES: &[u64] = &[1, 2, 3, 4, 5, 8, 10, 16, 32];
 const NONE: &[u64] = &[];
+
+/// GenAI seconds histograms are recorded in microseconds (bounds below are
+/// the conventions' seconds x 10^6, exact) and published in seconds.
+pub const MICROS_PER_SECOND: u64 = 1_000_000;
+/// `gen_ai.server.request.duration` (and `gen_ai.client.operation.duration`):
+/// 0.01, 0.02, ... 81.92 s.
+const GEN_AI_DURATION_US: &[u64] = &[
+    10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000, 1_280_000, 2_560_000, 5_120_000,
+    10_240_000, 20_480_000, 40_960_000, 81_920_000,
+];
+/// `gen_ai.server.time_to_first_token`: the conventions' 0.001 ... 10 s,
+/// extended with 15, 20, 30, 45, 60 s as Envoy AI Gateway does.
+const GEN_AI_TTFT_US: &[u64] = &[
+    1_000, 5_000, 10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 250_000, 500_000, 750_000,
+    1_000_000, 2_500_000, 5_000_000, 7_500_000, 10_000_000, 15_000_000, 20_000_000, 30_000_000,
+    45_000_000, 60_000_000,
+];
+/// `gen_ai.server.time_per_output_token`: 0.01 ... 2.5 s.
+const GEN_AI_TPOT_US: &[u64] = &[
+    10_000, 25_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000, 400_000, 500_000, 750_000,
+    1_000_000, 2_500_000,
+];
+/// `gen_ai.client.token.usage`: 1, 4, ... 67108864 tokens.
+const GEN_AI_TOKENS_BOUNDS: &[u64] = &[
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+];
 
 /// One metric family of the catalogue.
 #[derive(Clone, Copy, Debug)]
@@ -277,6 +357,57 @@ families! {
         "OTLP export calls by result.";
     SpanQueue => "llm_gateway_span_queue_spans", Gauge, &[], "spans", NONE,
         "Spans waiting for export, summed over the proxy's VMs.";
+    GenAiRequestDuration => "gen_ai_server_request_duration_seconds", Histogram, GEN_AI_DURATION, "s", GEN_AI_DURATION_US,
+        "GenAI naming: `gen_ai.server.request.duration`, as llm_gateway_request_duration_milliseconds (every request, failures with `error_type`).";
+    GenAiTimeToFirstToken => "gen_ai_server_time_to_first_token_seconds", Histogram, GEN_AI_DURATION, "s", GEN_AI_TTFT_US,
+        "GenAI naming: `gen_ai.server.time_to_first_token`, as llm_gateway_time_to_first_token_milliseconds (streams only).";
+    GenAiTimePerOutputToken => "gen_ai_server_time_per_output_token_seconds", Histogram, GEN_AI_DURATION, "s", GEN_AI_TPOT_US,
+        "GenAI naming: `gen_ai.server.time_per_output_token`, as llm_gateway_time_per_output_token_milliseconds (streams only).";
+    GenAiTokenUsage => "gen_ai_client_token_usage", Histogram, GEN_AI_TOKENS, "tokens", GEN_AI_TOKENS_BOUNDS,
+        "GenAI naming: `gen_ai.client.token.usage`, tokens per request and type as reported in `usage` (never estimated).";
+}
+
+impl Family {
+    /// Whether the family is published under `naming`: the GenAI families
+    /// replace tokentap's latency and token histograms; every other family
+    /// is published in every naming.
+    pub fn published(self, naming: Naming) -> bool {
+        use Family::*;
+        match self {
+            RequestDuration | TimeToFirstToken | TimePerOutputToken | PromptTokens
+            | CompletionTokens => naming.llm_gateway(),
+            GenAiRequestDuration
+            | GenAiTimeToFirstToken
+            | GenAiTimePerOutputToken
+            | GenAiTokenUsage => naming.gen_ai(),
+            _ => true,
+        }
+    }
+
+    /// Recorded units per published unit: the GenAI seconds histograms are
+    /// recorded in microseconds; everything else as published.
+    pub fn scale(self) -> u64 {
+        use Family::*;
+        match self {
+            GenAiRequestDuration | GenAiTimeToFirstToken | GenAiTimePerOutputToken => {
+                MICROS_PER_SECOND
+            }
+            _ => 1,
+        }
+    }
+
+    /// The `le` label of a bucket bound, in the published unit (`0.01`).
+    pub fn le(self, bound: u64) -> String {
+        let scale = self.scale();
+        let whole = bound / scale;
+        let frac = bound % scale;
+        if frac == 0 {
+            return whole.to_string();
+        }
+        let digits = scale.ilog10() as usize;
+        let frac = format!("{frac:0digits$}");
+        format!("{whole}.{}", frac.trim_end_matches('0'))
+    }
 }
 
 /// The catalogue as a Markdown table (kept in `docs/metrics.md`; a test

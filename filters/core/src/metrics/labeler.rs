@@ -1,6 +1,6 @@
 //! Turns a request's raw values into bounded, interned label ids, once.
 
-use crate::config::{Config, WorkloadRef};
+use crate::config::{Config, Naming, WorkloadRef};
 use crate::labels::{
     Admission, AdmissionControl, Dimension, LabelTable, Resolved, ValueId, UNKNOWN_ID,
 };
@@ -16,6 +16,9 @@ pub struct RequestLabels {
     pub team: ValueId,
     pub backend: ValueId,
     pub collection: ValueId,
+    /// The response's `model`, bounded like `model` (resolved only for the
+    /// GenAI naming's `gen_ai_response_model`).
+    pub response_model: ValueId,
 }
 
 impl RequestLabels {
@@ -57,6 +60,8 @@ impl Overflowed {
 pub struct Labeler {
     tables: Vec<LabelTable>,
     admission: Box<dyn AdmissionControl>,
+    naming: Naming,
+    provider_name: String,
 }
 
 impl Labeler {
@@ -72,7 +77,23 @@ impl Labeler {
                 LabelTable::new(d, adm, config.max_value_length)
             })
             .collect();
-        Self { tables, admission }
+        let provider_name = config.metrics.provider_name.clone().unwrap_or_default();
+        Self {
+            tables,
+            admission,
+            naming: config.metrics.naming,
+            provider_name,
+        }
+    }
+
+    /// The configured metric naming.
+    pub fn naming(&self) -> Naming {
+        self.naming
+    }
+
+    /// `gen_ai_provider_name`.
+    pub fn provider_name(&self) -> &str {
+        &self.provider_name
     }
 
     /// The text of a label id.
@@ -130,7 +151,14 @@ impl Labeler {
         overflowed: &mut Overflowed,
     ) -> RequestLabels {
         let model = rec.request_model.as_ref().or(rec.response_model.as_ref());
+        let response_model = if self.naming.gen_ai() {
+            let m = rec.response_model.as_deref();
+            self.resolve_str(Dimension::Model, m, overflowed)
+        } else {
+            UNKNOWN_ID
+        };
         RequestLabels {
+            response_model,
             route: start.route,
             tenant: self.resolve(Dimension::Tenant, rec.tenant.as_deref(), overflowed),
             model: self.resolve_str(Dimension::Model, model.map(String::as_str), overflowed),

@@ -3,14 +3,19 @@
 use super::catalogue::{Family, MAX_LABELS};
 use super::labeler::{Labeler, RequestLabels};
 use super::store::{LabelValue, MetricStore, Series};
+use crate::config::Naming;
 use crate::labels::{Dimension, OVERFLOW, UNKNOWN};
 use crate::request::RequestRecord;
-use crate::vocab::{ParseErrorKind, RagError, RagEvaluation, TokenSource, TokenType, Vocabulary};
+use crate::vocab::{
+    GenAiTokenType, ParseErrorKind, RagError, RagEvaluation, TokenSource, TokenType, Vocabulary,
+};
 
 /// The label values of one request, with their texts looked up once.
 struct Values<'a> {
     /// route, tenant, model, route_class, team, backend, collection.
     dims: [LabelValue<'a>; 7],
+    /// `gen_ai_response_model` (GenAI naming only).
+    response_model: LabelValue<'a>,
 }
 
 impl<'a> Values<'a> {
@@ -21,6 +26,10 @@ impl<'a> Values<'a> {
         };
         Self {
             dims: Dimension::ALL.map(v),
+            response_model: LabelValue {
+                id: labels.response_model,
+                text: labeler.text(Dimension::Model, labels.response_model),
+            },
         }
     }
 
@@ -106,7 +115,10 @@ pub fn record_request(
     let values = Values::new(labels, labeler);
     traffic(store, rec, &values);
     tokens(store, rec, &values);
-    latency_and_size(store, rec, &values);
+    latency_and_size(store, rec, &values, labeler.naming().llm_gateway());
+    if labeler.naming().gen_ai() {
+        gen_ai(store, rec, &values, labeler.provider_name());
+    }
     problems(store, rec);
     rag(store, rec, &values, now_ns);
 }
@@ -156,7 +168,12 @@ fn tokens(store: &mut MetricStore, rec: &RequestRecord, values: &Values<'_>) {
     }
 }
 
-fn latency_and_size(store: &mut MetricStore, rec: &RequestRecord, values: &Values<'_>) {
+fn latency_and_size(
+    store: &mut MetricStore,
+    rec: &RequestRecord,
+    values: &Values<'_>,
+    llm_gateway: bool,
+) {
     let w = values.workload();
     let reported_prompt = rec
         .usage
@@ -177,8 +194,87 @@ fn latency_and_size(store: &mut MetricStore, rec: &RequestRecord, values: &Value
         (Family::CompletionTokens, rec.completion_tokens()),
     ];
     for (family, value) in samples {
-        if let Some(value) = value {
+        if let (Some(value), true) = (value, llm_gateway || family.published(Naming::GenAi)) {
             store.observe(&Series::new(family, &w), value);
+        }
+    }
+}
+
+/// The GenAI naming's histograms: the same measurements as the
+/// `llm_gateway_*` ones, durations in microseconds (published in seconds),
+/// and only the token counts the runtime reported.
+fn gen_ai<'a>(
+    store: &mut MetricStore,
+    rec: &RequestRecord,
+    values: &Values<'a>,
+    provider: &'a str,
+) {
+    let us = |from: u64, to: u64| to.saturating_sub(from) / 1_000;
+    fn labels<'a>(
+        rec: &RequestRecord,
+        values: &Values<'a>,
+        provider: &'a str,
+        last: LabelValue<'a>,
+    ) -> LabelSet<'a> {
+        let mut v = LabelSet::default();
+        v.push(LabelValue {
+            id: rec.operation as u16,
+            text: rec.operation.as_str(),
+        });
+        v.push(LabelValue {
+            id: 0,
+            text: provider,
+        });
+        v.push(values.dim(Dimension::Model));
+        v.push(values.response_model);
+        v.push(last);
+        values.workload().into_iter().for_each(|l| v.push(l));
+        v
+    }
+    let common = |last| labels(rec, values, provider, last);
+    // `error_type` is absent (empty) on success, as the conventions have it.
+    let error = match rec.error {
+        Some(e) => LabelValue {
+            id: e.id() + 1,
+            text: e.as_str(),
+        },
+        None => LabelValue { id: 0, text: "" },
+    };
+    let v = common(error);
+    let tpot = rec.completion_tokens().filter(|n| *n >= 2).and_then(|n| {
+        let (first, last) = (rec.first_token_ns?, rec.last_token_ns?);
+        Some(us(first, last) / (n - 1))
+    });
+    let samples = [
+        (
+            Family::GenAiRequestDuration,
+            Some(us(rec.start_ns, rec.end_ns)),
+        ),
+        (
+            Family::GenAiTimeToFirstToken,
+            rec.first_token_ns.map(|t| us(rec.start_ns, t)),
+        ),
+        (Family::GenAiTimePerOutputToken, tpot),
+    ];
+    for (family, value) in samples {
+        if let Some(value) = value {
+            store.observe(&Series::new(family, &v), value);
+        }
+    }
+    if rec.token_source() != Some(TokenSource::Usage) {
+        return;
+    }
+    let u = &rec.usage;
+    let counts = [
+        (GenAiTokenType::Input, u.prompt_tokens),
+        (GenAiTokenType::Output, u.completion_tokens),
+        (GenAiTokenType::CachedInput, u.cached_tokens),
+        (GenAiTokenType::Reasoning, u.reasoning_tokens),
+    ];
+    for (token_type, n) in counts {
+        if let Some(n) = n {
+            let v = common(vocab(token_type));
+            store.observe(&Series::new(Family::GenAiTokenUsage, &v), n);
         }
     }
 }

@@ -57,16 +57,31 @@ struct Buckets {
     counts: Vec<u64>,
     sum: u64,
     count: u64,
+    /// Recorded units per published unit of `_sum` (1, or 10^6 for the
+    /// GenAI seconds histograms recorded in microseconds).
+    scale: u64,
+    /// The part of the sum below one published unit, not yet published:
+    /// the published `_sum` is the exact total, truncated to whole units.
+    carry: u64,
 }
 
 impl Buckets {
-    fn new(bounds: &'static [u64]) -> Self {
+    fn new(bounds: &'static [u64], scale: u64) -> Self {
         Self {
             bounds,
             counts: vec![0; bounds.len() + 1],
             sum: 0,
             count: 0,
+            scale: scale.max(1),
+            carry: 0,
         }
+    }
+
+    /// The `_sum` increment to publish now, keeping the remainder.
+    fn take_sum(&mut self) -> u64 {
+        let total = std::mem::take(&mut self.sum).saturating_add(self.carry);
+        self.carry = total % self.scale;
+        total / self.scale
     }
 
     fn observe(&mut self, value: u64) {
@@ -148,8 +163,8 @@ impl MetricStore {
 
     /// Records a histogram sample.
     pub fn observe(&mut self, s: &Series<'_>, value: u64) {
-        let bounds = || s.family.def().buckets;
-        let found = self.find(s, || Cell::Histogram(Box::new(Buckets::new(bounds()))));
+        let new = || Buckets::new(s.family.def().buckets, s.family.scale());
+        let found = self.find(s, || Cell::Histogram(Box::new(new())));
         if let Some(Cell::Histogram(b)) = self.cell(found) {
             b.observe(value);
         }
@@ -304,7 +319,7 @@ fn publish_histogram<H: MetricsHost>(
     calls: &mut usize,
 ) -> Result<(), Failed> {
     let counts = std::mem::replace(&mut b.counts, vec![0; b.bounds.len() + 1]);
-    let (sum, count) = (std::mem::take(&mut b.sum), std::mem::take(&mut b.count));
+    let (sum, count) = (b.take_sum(), std::mem::take(&mut b.count));
     let [.., sum_id, count_id] = ids else {
         return Err(Failed::Lost);
     };
@@ -347,13 +362,11 @@ fn define<H: MetricsHost>(slot: &Slot, host: &mut H, calls: &mut usize) -> Resul
         return Ok(vec![one(&name, def.kind)?]);
     }
     let mut ids = Vec::with_capacity(def.buckets.len() + 3);
-    let mut bound = String::new();
     for le in def.buckets.iter().map(Some).chain([None]) {
-        bound.clear();
-        match le {
-            Some(b) => bound.push_str(&b.to_string()),
-            None => bound.push_str("+Inf"),
-        }
+        let bound = match le {
+            Some(&b) => slot.family.le(b),
+            None => "+Inf".to_string(),
+        };
         name.clear();
         name.push_str(&slot.labels);
         push_label(&mut name, "le", &bound);

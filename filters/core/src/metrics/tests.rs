@@ -213,7 +213,13 @@ fn docs_metrics_md_holds_the_current_catalogue() {
 fn every_family_name_follows_prometheus_conventions() {
     for f in Family::ALL {
         let d = f.def();
-        assert!(d.name.starts_with("llm_gateway_") || d.name.starts_with("llm_rag_"));
+        assert!(
+            d.name.starts_with("llm_gateway_")
+                || d.name.starts_with("llm_rag_")
+                || d.name.starts_with("gen_ai_"),
+            "{}",
+            d.name
+        );
         if d.kind == MetricKind::Counter {
             assert!(d.name.ends_with("_total"), "{}", d.name);
         } else {
@@ -271,5 +277,160 @@ mod stat_name_codec {
         );
         assert_eq!(decode_stat_name("a=.=b"), None);
         assert_eq!(decode_stat_name("plain"), Some(("plain", vec![])));
+    }
+}
+
+mod gen_ai_naming {
+    use super::*;
+    use crate::config::Naming;
+
+    fn config_with(naming: &str) -> Config {
+        Config::parse(
+            format!(
+                r#"{{"tenant":{{"header":"x-tenant-id","max_values":3}},"models":["mistral-7b"],
+                    "routes":{{"chat":{{"route_class":"interactive","team":"platform-ai"}}}},
+                    "defaults":{{"model":"mistral-7b"}},"metrics":{{"naming":"{naming}"}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    const GEN_AI: &str = "gen_ai_operation_name=.=chat;.;gen_ai_provider_name=.=vllm;.;gen_ai_request_model=.=mistral-7b;.;gen_ai_response_model=.=mistral-7b;.;";
+
+    fn families(stats: &FakeStats) -> Vec<String> {
+        let mut names: Vec<String> = stats
+            .names
+            .iter()
+            .filter_map(|(_, n)| decode_stat_name(n).map(|(m, _)| m.to_string()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn naming_defaults_to_llm_gateway_and_unknown_namings_are_refused_by_field() {
+        assert_eq!(config().metrics.naming, Naming::LlmGateway);
+        assert_eq!(config().metrics.provider_name.as_deref(), Some("vllm"));
+        let err = Config::parse(br#"{"metrics":{"naming":"otel"}}"#).unwrap_err();
+        assert!(err.to_string().contains("`metrics.naming`"), "{err}");
+        assert!(err.to_string().contains("gen_ai"), "{err}");
+        let err = Config::parse(br#"{"metrics":{"provider_name":"a b"}}"#).unwrap_err();
+        assert!(err.to_string().contains("`metrics.provider_name`"), "{err}");
+        let err = Config::parse(br#"{"metrics":{"nameing":"both"}}"#).unwrap_err();
+        assert!(err.to_string().contains("metrics"), "{err}");
+        let cfg = Config::parse(
+            br#"{"metrics":{"naming":"gen_ai"},"tracing":{"provider_name":"openai"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.metrics.provider_name.as_deref(), Some("openai"));
+    }
+
+    #[test]
+    fn each_naming_publishes_its_histograms_and_keeps_the_other_families() {
+        let rec = || finished("acme", "200");
+        let (_, legacy) = publish(&config_with("llm_gateway"), &[rec()]);
+        let (_, gen_ai) = publish(&config_with("gen_ai"), &[rec()]);
+        let (_, both) = publish(&config_with("both"), &[rec()]);
+        let has = |s: &FakeStats, f: &str| families(s).iter().any(|n| n.starts_with(f));
+        assert!(has(&legacy, "llm_gateway_request_duration_milliseconds"));
+        assert!(!has(&legacy, "gen_ai_"));
+        assert!(has(&gen_ai, "gen_ai_server_request_duration_seconds"));
+        assert!(has(&gen_ai, "gen_ai_client_token_usage"));
+        assert!(!has(&gen_ai, "llm_gateway_request_duration_milliseconds"));
+        assert!(!has(&gen_ai, "llm_gateway_prompt_tokens"));
+        // Families the conventions do not name keep their names.
+        for s in [&legacy, &gen_ai, &both] {
+            assert!(has(s, "llm_gateway_requests_total"));
+            assert!(has(s, "llm_gateway_tokens_total"));
+            assert!(has(s, "llm_gateway_request_bytes"));
+        }
+        let mut union = families(&legacy);
+        union.extend(families(&gen_ai));
+        union.sort();
+        union.dedup();
+        assert_eq!(families(&both), union);
+        for f in Family::ALL {
+            assert!(f.published(Naming::Both));
+            assert!(f.published(Naming::LlmGateway) || f.published(Naming::GenAi));
+        }
+    }
+
+    #[test]
+    fn gen_ai_series_carry_the_conventions_labels_then_the_workload() {
+        let (_, stats) = publish(&config_with("gen_ai"), &[finished("acme", "200")]);
+        // 55 ms: in the 0.08 s bucket, not the 0.04 s one; `_sum` in whole
+        // seconds (0 so far), `_count` exact.
+        let duration = |suffix: &str, le: Option<&str>| {
+            let le = le.map(|l| format!("le=.={l};.;")).unwrap_or_default();
+            format!("{GEN_AI}error_type=.=;.;{WORKLOAD}{le}gen_ai_server_request_duration_seconds{suffix}")
+        };
+        assert_eq!(stats.value(&duration("_bucket", Some("0.04"))), 0);
+        assert_eq!(stats.value(&duration("_bucket", Some("0.08"))), 1);
+        assert_eq!(stats.value(&duration("_bucket", Some("+Inf"))), 1);
+        assert!(stats.defined(&duration("_bucket", Some("81.92"))));
+        assert_eq!(stats.value(&duration("_count", None)), 1);
+        assert_eq!(stats.value(&duration("_sum", None)), 0);
+        let tokens = |t: &str, suffix: &str| {
+            format!("{GEN_AI}gen_ai_token_type=.={t};.;{WORKLOAD}gen_ai_client_token_usage{suffix}")
+        };
+        assert_eq!(stats.value(&tokens("input", "_sum")), 11);
+        assert_eq!(stats.value(&tokens("output", "_sum")), 5);
+        assert_eq!(stats.value(&tokens("output", "_count")), 1);
+        let bucket = format!("{GEN_AI}gen_ai_token_type=.=input;.;{WORKLOAD}le=.=16;.;gen_ai_client_token_usage_bucket");
+        assert_eq!(stats.value(&bucket), 1);
+        // No cached or reasoning tokens were reported.
+        assert!(!stats.defined(&tokens("cached_input", "_count")));
+        // A failure carries its error type.
+        let (_, stats) = publish(&config_with("gen_ai"), &[finished("acme", "503")]);
+        let failed = format!(
+            "{GEN_AI}error_type=.=upstream_5xx;.;{WORKLOAD}gen_ai_server_request_duration_seconds_count"
+        );
+        assert_eq!(stats.value(&failed), 1);
+    }
+
+    #[test]
+    fn bucket_bounds_are_the_conventions() {
+        let le = |f: Family| -> Vec<String> { f.def().buckets.iter().map(|b| f.le(*b)).collect() };
+        let duration = "0.01 0.02 0.04 0.08 0.16 0.32 0.64 1.28 2.56 5.12 10.24 20.48 40.96 81.92";
+        assert_eq!(le(Family::GenAiRequestDuration).join(" "), duration);
+        assert_eq!(
+            le(Family::GenAiTimeToFirstToken).join(" "),
+            "0.001 0.005 0.01 0.02 0.04 0.06 0.08 0.1 0.25 0.5 0.75 1 2.5 5 7.5 10 15 20 30 45 60"
+        );
+        assert_eq!(
+            le(Family::GenAiTimePerOutputToken).join(" "),
+            "0.01 0.025 0.05 0.075 0.1 0.15 0.2 0.3 0.4 0.5 0.75 1 2.5"
+        );
+        assert_eq!(
+            le(Family::GenAiTokenUsage).join(" "),
+            "1 4 16 64 256 1024 4096 16384 65536 262144 1048576 4194304 16777216 67108864"
+        );
+        for f in Family::ALL {
+            let d = f.def();
+            if d.kind == MetricKind::Histogram {
+                let seconds = d.name.ends_with("_seconds");
+                assert_eq!(seconds, f.scale() == 1_000_000, "{}", d.name);
+            }
+        }
+    }
+
+    #[test]
+    fn seconds_sums_publish_whole_seconds_and_carry_the_rest() {
+        let cfg = config_with("gen_ai");
+        let mut labeler = Labeler::new(&cfg, Box::new(LocalAdmission::default()));
+        let mut store = MetricStore::new(cfg.max_series_per_metric);
+        let mut stats = FakeStats::default();
+        let sum =
+            format!("{GEN_AI}error_type=.=;.;{WORKLOAD}gen_ai_server_request_duration_seconds_sum");
+        // 55 ms per request: 18 requests = 0.99 s, 19 = 1.045 s.
+        for i in 1..=40u64 {
+            let rec = finished("acme", "200");
+            let (labels, _) = labeler.labels_of(&rec);
+            record_request(&mut store, &rec, &labels, &labeler, 0);
+            store.flush(&mut stats);
+            assert_eq!(stats.value(&sum) as u64, i * 55 / 1000, "after {i}");
+        }
     }
 }
