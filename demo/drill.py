@@ -32,7 +32,7 @@ Time scale. The shipped alerts hold for 5 to 10 minutes over 5- to
 (`--realistic`). By default Prometheus evaluates the same rules 30 times
 faster while the drill runs (every duration divided by 30: `for: 10m` holds
 20 s, a 5-minute window spans 10 s; tests/e2e/observability_stack.py), then
-gets the shipped rules back. `drill all` then takes about five minutes.
+gets the shipped rules back. `drill all` then takes about four minutes.
 """
 
 from __future__ import annotations
@@ -544,7 +544,7 @@ def run_drill(ctx: Ctx, drill: Drill) -> dict:
             time.sleep(tick)
 
     t["fault_start"] = time.time()
-    out(f"fault: {drill.title}, until {' and '.join(drill.expected)} fire")
+    out(f"fault: {drill.title}, until {' and '.join(drill.expected)} {'fires' if len(drill.expected) == 1 else 'fire'}")
     drill.start(ctx)
     try:
         fired = phase("fault", lambda st: all(st.get(n) == "firing" for n in drill.expected), t["fault_start"])

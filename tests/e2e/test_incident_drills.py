@@ -9,12 +9,13 @@ against it. Checked here:
 * without `prometheus` on PATH, `up` says so in one line and the rest of the
   stack works (the drill then says in one line that it needs Prometheus);
 * Prometheus loads `k8s/observability/rules.yaml` itself, unchanged: the
-  rule groups it reports are the shipped ones, expression by expression; it
-  scrapes the shipped plain-Prometheus jobs, whose relabeling selects and
-  labels the stack's pods;
+  rule groups it reports are the shipped ones (those of rules.yaml and of the
+  PrometheusRule `kubectl kustomize k8s/observability` renders), expression
+  by expression; it scrapes the shipped plain-Prometheus jobs, whose
+  relabeling selects and labels the stack's pods;
 * `up` prints one graph link per incident-dashboard panel, and each link
-  holds that panel's queries (compared with the dashboard JSON here) and
-  evaluates on the live Prometheus;
+  holds that panel's queries (compared here with the dashboard the
+  package's ConfigMap holds) and evaluates on the live Prometheus;
 * `drill all` fires and clears each drill's alerts (the ones
   test_drills.py's docstring names), while Prometheus runs the shipped
   rules with every duration divided by the drill's time scale (compared
@@ -49,6 +50,7 @@ import pytest
 import yaml
 
 from harness import REPO, Proc, get, post_json, wait_until
+from k8s_packages import find, render
 from observability_stack import RULES, SCRAPE_CONFIG, LocalPrometheus, duration, scale_expr, seconds, time_scaled_rules
 from ops_stack import system_tool
 
@@ -167,6 +169,9 @@ def test_up_prometheus_runs_the_shipped_rules_and_scrape_jobs(up_stack):
     groups = prom.rule_groups()
     assert {g["file"] for g in groups} == {str(RULES)}
     assert_groups_equal(groups, yaml.safe_load(RULES.read_text()), 1)
+    # ... which are the groups `kubectl apply -k k8s/observability` installs.
+    packaged = find(render("observability"), "PrometheusRule")
+    assert_groups_equal(groups, {"groups": packaged["spec"]["groups"]}, 1)
 
     # The shipped jobs, only their pod discovery swapped for the file the stack writes.
     shipped = {j["job_name"]: j for j in yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]}
@@ -202,7 +207,9 @@ def test_up_prints_one_graph_link_per_incident_panel_with_its_queries(up_stack):
     proc, stack, _ = up_stack
     output = proc.logs(tail=1000)
     assert f"{stack['prometheus']}/alerts" in output
-    dashboard = json.loads(INCIDENT.read_text())
+    # The dashboard as `kubectl apply -k k8s/observability` installs it.
+    configmap = find(render("observability"), "ConfigMap", "tokentap-dashboard-llm-incident")
+    dashboard = json.loads(configmap["data"]["llm-incident.json"])
     variables = [v["name"] for v in dashboard["templating"]["list"] if v["type"] != "datasource"]
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     links = printed_links(output)
