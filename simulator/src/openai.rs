@@ -8,11 +8,15 @@ use serde_json::{json, Value};
 
 use crate::tokens::{chat_prompt_tokens, fnv1a, text_tokens};
 
-/// Which OpenAI API a request used.
+/// Which API a request used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     Chat,
     Completion,
+    /// OpenAI Responses API (`/v1/responses`), as vLLM serves it.
+    Responses,
+    /// Anthropic Messages API (`/v1/messages`), as vLLM serves it.
+    Messages,
 }
 
 /// RAG parameters from the request body (`rag.collection`, `rag.top_k`).
@@ -137,6 +141,50 @@ pub fn parse_generation(
         Endpoint::Completion => {
             completion_prompt(v.get("prompt").ok_or(RequestError::Missing("prompt"))?)?
         }
+        Endpoint::Responses => {
+            // `input`: a string, or a list of messages (`content` a string
+            // or parts with `text`); `instructions` is a system message.
+            let mut texts: Vec<String> = Vec::new();
+            if let Some(i) = v.get("instructions").and_then(Value::as_str) {
+                texts.push(i.to_string());
+            }
+            match v.get("input").ok_or(RequestError::Missing("input"))? {
+                Value::String(s) => texts.push(s.clone()),
+                Value::Array(items) => texts.extend(
+                    items
+                        .iter()
+                        .map(|m| m.get("content").map(message_text).unwrap_or_default()),
+                ),
+                _ => return Err(RequestError::WrongType("input")),
+            }
+            (
+                chat_prompt_tokens(texts.iter().map(String::as_str)),
+                texts.join("\u{1f}"),
+            )
+        }
+        Endpoint::Messages => {
+            if opt_u32(&v, "max_tokens")?.is_none() {
+                return Err(RequestError::Missing("max_tokens"));
+            }
+            let messages = v
+                .get("messages")
+                .ok_or(RequestError::Missing("messages"))?
+                .as_array()
+                .ok_or(RequestError::WrongType("messages"))?;
+            let mut texts: Vec<String> = Vec::new();
+            if let Some(system) = v.get("system") {
+                texts.push(message_text(system));
+            }
+            texts.extend(
+                messages
+                    .iter()
+                    .map(|m| m.get("content").map(message_text).unwrap_or_default()),
+            );
+            (
+                chat_prompt_tokens(texts.iter().map(String::as_str)),
+                texts.join("\u{1f}"),
+            )
+        }
     };
     let stream = match v.get("stream") {
         None | Some(Value::Null) => false,
@@ -148,9 +196,12 @@ pub fn parse_generation(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let max_tokens = match opt_u32(&v, "max_completion_tokens")? {
-        Some(m) => Some(m),
-        None => opt_u32(&v, "max_tokens")?,
+    let max_tokens = match endpoint {
+        Endpoint::Responses => opt_u32(&v, "max_output_tokens")?,
+        _ => match opt_u32(&v, "max_completion_tokens")? {
+            Some(m) => Some(m),
+            None => opt_u32(&v, "max_tokens")?,
+        },
     };
     let rag = match v.get("rag") {
         Some(r) => RagBody {
@@ -250,6 +301,8 @@ impl ResponseMeta {
             (Endpoint::Chat, true) => "chat.completion.chunk",
             (Endpoint::Chat, false) => "chat.completion",
             (Endpoint::Completion, _) => "text_completion",
+            (Endpoint::Responses, _) => "response",
+            (Endpoint::Messages, _) => "message",
         }
     }
 
@@ -285,7 +338,7 @@ impl ResponseMeta {
                 json_str(text),
                 json_str(f)
             ),
-            (Endpoint::Completion, f) => format!(
+            (_, f) => format!(
                 r#"{{"index":0,"text":{},"logprobs":null,"finish_reason":{},"stop_reason":null}}"#,
                 json_str(text),
                 f.map(json_str).unwrap_or_else(|| "null".into())
@@ -301,13 +354,29 @@ impl ResponseMeta {
 
     /// A complete non-streaming response.
     pub fn full_response(&self, text: &str, finish: &str, usage: Option<&str>) -> String {
+        match self.endpoint {
+            Endpoint::Responses => return self.response_object("completed", text, usage),
+            Endpoint::Messages => {
+                return format!(
+                    r#"{{"id":{},"type":"message","role":"assistant","content":[{{"type":"text","text":{}}}],"model":{},"stop_reason":{},"stop_sequence":null{}}}"#,
+                    json_str(&self.id),
+                    json_str(text),
+                    json_str(&self.model),
+                    json_str(anthropic_stop_reason(finish)),
+                    usage
+                        .map(|u| format!(r#","usage":{u}"#))
+                        .unwrap_or_default()
+                )
+            }
+            _ => {}
+        }
         let choice = match self.endpoint {
             Endpoint::Chat => format!(
                 r#"{{"index":0,"message":{{"role":"assistant","content":{},"tool_calls":[]}},"logprobs":null,"finish_reason":{},"stop_reason":null}}"#,
                 json_str(text),
                 json_str(finish)
             ),
-            Endpoint::Completion => format!(
+            _ => format!(
                 r#"{{"index":0,"text":{},"logprobs":null,"finish_reason":{},"stop_reason":null}}"#,
                 json_str(text),
                 json_str(finish)
@@ -318,6 +387,184 @@ impl ResponseMeta {
             .unwrap_or_default();
         format!(r#"{{{},"choices":[{choice}]{usage}}}"#, self.head(false))
     }
+}
+
+impl ResponseMeta {
+    /// A Responses API `response` object (`usage: null` until it is known).
+    pub fn response_object(&self, status: &str, text: &str, usage: Option<&str>) -> String {
+        let output = if status == "in_progress" {
+            "[]".to_string()
+        } else {
+            format!(
+                r#"[{{"id":"msg_{}","type":"message","status":"completed","role":"assistant","content":[{{"type":"output_text","text":{},"annotations":[]}}]}}]"#,
+                self.id,
+                json_str(text)
+            )
+        };
+        format!(
+            r#"{{"id":{},"object":"response","created_at":{},"status":{},"error":null,"incomplete_details":null,"model":{},"output":{output},"usage":{}}}"#,
+            json_str(&self.id),
+            self.created,
+            json_str(status),
+            json_str(&self.model),
+            usage.unwrap_or("null")
+        )
+    }
+
+    /// The events of a Responses stream before the first token.
+    pub fn responses_start(&self) -> Vec<(&'static str, String)> {
+        let item = format!("msg_{}", self.id);
+        vec![
+            (
+                "response.created",
+                format!(
+                    r#"{{"type":"response.created","sequence_number":0,"response":{}}}"#,
+                    self.response_object("in_progress", "", None)
+                ),
+            ),
+            (
+                "response.in_progress",
+                format!(
+                    r#"{{"type":"response.in_progress","sequence_number":1,"response":{}}}"#,
+                    self.response_object("in_progress", "", None)
+                ),
+            ),
+            (
+                "response.output_item.added",
+                format!(
+                    r#"{{"type":"response.output_item.added","sequence_number":2,"output_index":0,"item":{{"id":"{item}","type":"message","status":"in_progress","role":"assistant","content":[]}}}}"#
+                ),
+            ),
+            (
+                "response.content_part.added",
+                format!(
+                    r#"{{"type":"response.content_part.added","sequence_number":3,"item_id":"{item}","output_index":0,"content_index":0,"part":{{"type":"output_text","text":"","annotations":[]}}}}"#
+                ),
+            ),
+        ]
+    }
+
+    /// One token of a Responses stream (`sequence_number` after the four
+    /// opening events).
+    pub fn responses_delta(&self, index: u32, text: &str) -> String {
+        format!(
+            r#"{{"type":"response.output_text.delta","sequence_number":{},"item_id":"msg_{}","output_index":0,"content_index":0,"delta":{},"logprobs":[]}}"#,
+            u64::from(index) + 4,
+            self.id,
+            json_str(text)
+        )
+    }
+
+    /// The closing events of a Responses stream, `response.completed` last.
+    pub fn responses_end(
+        &self,
+        sent: u32,
+        text: &str,
+        usage: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
+        let seq = u64::from(sent) + 4;
+        let item = format!("msg_{}", self.id);
+        vec![
+            (
+                "response.output_text.done",
+                format!(
+                    r#"{{"type":"response.output_text.done","sequence_number":{seq},"item_id":"{item}","output_index":0,"content_index":0,"text":{},"logprobs":[]}}"#,
+                    json_str(text)
+                ),
+            ),
+            (
+                "response.content_part.done",
+                format!(
+                    r#"{{"type":"response.content_part.done","sequence_number":{},"item_id":"{item}","output_index":0,"content_index":0,"part":{{"type":"output_text","text":{},"annotations":[]}}}}"#,
+                    seq + 1,
+                    json_str(text)
+                ),
+            ),
+            (
+                "response.completed",
+                format!(
+                    r#"{{"type":"response.completed","sequence_number":{},"response":{}}}"#,
+                    seq + 2,
+                    self.response_object("completed", text, usage)
+                ),
+            ),
+        ]
+    }
+
+    /// The events of a Messages stream before the first token (vLLM's
+    /// `message_start` reports the prompt and `output_tokens: 0`).
+    pub fn messages_start(&self, prompt_tokens: Option<u32>) -> Vec<(&'static str, String)> {
+        let usage = match prompt_tokens {
+            Some(p) => format!(r#","usage":{{"input_tokens":{p},"output_tokens":0}}"#),
+            None => String::new(),
+        };
+        vec![
+            (
+                "message_start",
+                format!(
+                    r#"{{"type":"message_start","message":{{"id":{},"type":"message","role":"assistant","content":[],"model":{},"stop_reason":null,"stop_sequence":null{usage}}}}}"#,
+                    json_str(&self.id),
+                    json_str(&self.model)
+                ),
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#
+                    .to_string(),
+            ),
+        ]
+    }
+
+    /// One token of a Messages stream.
+    pub fn messages_delta(&self, text: &str) -> String {
+        format!(
+            r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{}}}}}"#,
+            json_str(text)
+        )
+    }
+
+    /// The closing events of a Messages stream.
+    pub fn messages_end(&self, finish: &str, usage: Option<&str>) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "content_block_stop",
+                r#"{"type":"content_block_stop","index":0}"#.to_string(),
+            ),
+            (
+                "message_delta",
+                format!(
+                    r#"{{"type":"message_delta","delta":{{"stop_reason":{},"stop_sequence":null}}{}}}"#,
+                    json_str(anthropic_stop_reason(finish)),
+                    usage
+                        .map(|u| format!(r#","usage":{u}"#))
+                        .unwrap_or_default()
+                ),
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#.to_string()),
+        ]
+    }
+}
+
+/// Anthropic's `stop_reason` for an OpenAI finish reason (vLLM's map).
+fn anthropic_stop_reason(finish: &str) -> &'static str {
+    match finish {
+        "length" => "max_tokens",
+        "tool_calls" => "tool_use",
+        _ => "end_turn",
+    }
+}
+
+/// Responses API `usage` (vLLM always sends both details objects).
+pub fn responses_usage_json(prompt: u32, completion: u32, cached: u32) -> String {
+    format!(
+        r#"{{"input_tokens":{prompt},"input_tokens_details":{{"cached_tokens":{cached}}},"output_tokens":{completion},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}"#,
+        u64::from(prompt) + u64::from(completion)
+    )
+}
+
+/// Messages API `usage`: vLLM reports the whole prompt as `input_tokens`.
+pub fn messages_usage_json(prompt: u32, completion: u32) -> String {
+    format!(r#"{{"input_tokens":{prompt},"output_tokens":{completion}}}"#)
 }
 
 /// A JSON string literal.

@@ -20,7 +20,10 @@ use super::state::{lock, AppState, InFlight, SeqGuard};
 use super::ConnReset;
 use crate::config::RuntimeConfig;
 use crate::engine::{EngineEvent, FinishReason, SeqId, SeqRequest, Usage};
-use crate::openai::{parse_generation, usage_json, Endpoint, GenerationRequest, ResponseMeta};
+use crate::openai::{
+    messages_usage_json, parse_generation, responses_usage_json, usage_json, Endpoint,
+    GenerationRequest, ResponseMeta,
+};
 use crate::tokens::token_text;
 
 /// Serves one generation request from body to last token.
@@ -191,6 +194,8 @@ fn response_meta(state: &AppState, endpoint: Endpoint, model: String) -> Respons
         id: state.next_id(match endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
+            Endpoint::Responses => "resp",
+            Endpoint::Messages => "msg",
         }),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -296,12 +301,18 @@ impl Job {
     }
 
     fn usage(&self, u: &Usage) -> String {
-        usage_json(
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.cached_tokens,
-            self.state.args.enable_prompt_tokens_details,
-        )
+        match self.meta.endpoint {
+            Endpoint::Responses => {
+                responses_usage_json(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+            }
+            Endpoint::Messages => messages_usage_json(u.prompt_tokens, u.completion_tokens),
+            _ => usage_json(
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+                self.state.args.enable_prompt_tokens_details,
+            ),
+        }
     }
 
     /// Collects every token, then answers with one JSON body.
@@ -334,6 +345,21 @@ fn sse(data: &str) -> Frame<Bytes> {
     Frame::data(Bytes::from(format!("data: {data}\n\n")))
 }
 
+/// One SSE event with an `event:` name (Responses and Messages APIs).
+fn named(name: &str, data: &str) -> Frame<Bytes> {
+    Frame::data(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))
+}
+
+/// Sends named events in order; false once the client is gone.
+async fn send_all(tx: &FrameSender, events: Vec<(&'static str, String)>) -> bool {
+    for (name, data) in events {
+        if tx.send(Ok(named(name, &data))).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BodyError>>;
 
 /// An SSE response whose events a spawned task writes as tokens arrive.
@@ -352,19 +378,42 @@ fn stream_response(job: Job, reset: Arc<ConnReset>) -> Response<Body> {
 /// Writes the stream's events until the sequence ends, the client goes
 /// away, or an injected reset aborts the connection.
 async fn run_stream(mut job: Job, reset: Arc<ConnReset>, tx: FrameSender) {
-    if job.meta.endpoint == Endpoint::Chat
-        && tx.send(Ok(sse(&job.meta.role_chunk()))).await.is_err()
-    {
+    let opening = match job.meta.endpoint {
+        Endpoint::Chat => tx.send(Ok(sse(&job.meta.role_chunk()))).await.is_ok(),
+        Endpoint::Completion => true,
+        Endpoint::Responses => send_all(&tx, job.meta.responses_start()).await,
+        Endpoint::Messages => {
+            let prompt = (!job.plan.no_usage).then_some(job.parsed.prompt_tokens);
+            send_all(&tx, job.meta.messages_start(prompt)).await
+        }
+    };
+    if !opening {
         return;
     }
+    let mut text = String::new();
     let last_index = job.plan.output_tokens.saturating_sub(1);
     let mut sent = 0u32;
     while let Some(ev) = job.rx.recv().await {
         match ev {
             EngineEvent::Token { index, .. } => {
-                let finish = (index == last_index).then(|| job.finish_reason());
-                let chunk = job.meta.token_chunk(&job.text(index), finish);
-                if tx.send(Ok(sse(&chunk))).await.is_err() {
+                let token = job.text(index);
+                let frame = match job.meta.endpoint {
+                    Endpoint::Responses => {
+                        text.push_str(&token);
+                        named(
+                            "response.output_text.delta",
+                            &job.meta.responses_delta(index, &token),
+                        )
+                    }
+                    Endpoint::Messages => {
+                        named("content_block_delta", &job.meta.messages_delta(&token))
+                    }
+                    _ => {
+                        let finish = (index == last_index).then(|| job.finish_reason());
+                        sse(&job.meta.token_chunk(&token, finish))
+                    }
+                };
+                if tx.send(Ok(frame)).await.is_err() {
                     return;
                 }
                 sent += 1;
@@ -376,7 +425,7 @@ async fn run_stream(mut job: Job, reset: Arc<ConnReset>, tx: FrameSender) {
             EngineEvent::Finished { usage, reason, .. } => {
                 job.guard.finished = true;
                 if reason != FinishReason::Abort {
-                    finish_stream(&job, &usage, &tx).await;
+                    finish_stream(&job, &usage, &tx, sent, &text).await;
                 }
                 return;
             }
@@ -394,8 +443,31 @@ async fn reset_stream(job: &Job, reset: &ConnReset, tx: &FrameSender, sent: u32)
     let _ = tx.send(Err(BodyError::InjectedReset)).await;
 }
 
-/// The usage chunk (when asked for) and `[DONE]`.
-async fn finish_stream(job: &Job, usage: &Usage, tx: &FrameSender) {
+/// The usage chunk (when asked for) and `[DONE]`; for the Responses and
+/// Messages APIs their closing events, usage included (always, as vLLM
+/// does, unless `x-sim-no-usage`).
+async fn finish_stream(job: &Job, usage: &Usage, tx: &FrameSender, sent: u32, text: &str) {
+    let usage_json = (!job.plan.no_usage).then(|| job.usage(usage));
+    match job.meta.endpoint {
+        Endpoint::Responses => {
+            send_all(
+                tx,
+                job.meta.responses_end(sent, text, usage_json.as_deref()),
+            )
+            .await;
+            return;
+        }
+        Endpoint::Messages => {
+            send_all(
+                tx,
+                job.meta
+                    .messages_end(job.finish_reason(), usage_json.as_deref()),
+            )
+            .await;
+            return;
+        }
+        Endpoint::Chat | Endpoint::Completion => {}
+    }
     if job.parsed.include_usage && !job.plan.no_usage {
         let usage = job.usage(usage);
         if tx

@@ -20,7 +20,7 @@ use crate::openai::{parse_embedding, Endpoint};
 use crate::tokens::embedding;
 
 /// Every path served; another method on one of them is a 405, not a 404.
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 10] = [
     "/health",
     "/metrics",
     "/v1/models",
@@ -29,6 +29,8 @@ const PATHS: [&str; 8] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
 ];
 
 /// Answers one request; every response names the pod when `POD_NAME` is set.
@@ -76,6 +78,8 @@ async fn route(
             generation(state, reset, req, Endpoint::Completion).await
         }
         (Method::POST, "/v1/embeddings") => embeddings(state, req).await,
+        (Method::POST, "/v1/responses") => generation(state, reset, req, Endpoint::Responses).await,
+        (Method::POST, "/v1/messages") => generation(state, reset, req, Endpoint::Messages).await,
         (_, p) if PATHS.contains(&p) => error_response(405, "Method Not Allowed", None, None),
         _ => error_response(404, "Not Found", None, None),
     }

@@ -145,17 +145,12 @@ fn tokens(store: &mut MetricStore, rec: &RequestRecord, values: &Values<'_>) {
     let Some(source) = rec.token_source() else {
         return;
     };
-    // Reasoning and cache-creation counts exist only as reported.
-    let reported = |n: Option<u64>| n.filter(|_| source == TokenSource::Usage);
     let counts = [
         (TokenType::Prompt, rec.usage.prompt_tokens),
         (TokenType::Completion, rec.completion_tokens()),
         (TokenType::Cached, rec.usage.cached_tokens),
-        (TokenType::Reasoning, reported(rec.usage.reasoning_tokens)),
-        (
-            TokenType::CacheCreation,
-            reported(rec.usage.cache_creation_tokens),
-        ),
+        (TokenType::Reasoning, rec.usage.reasoning_tokens),
+        (TokenType::CacheCreation, rec.usage.cache_creation_tokens),
     ];
     for (token_type, n) in counts {
         if let Some(n) = n.filter(|n| *n > 0) {
