@@ -124,6 +124,30 @@ def sse_seeds():
          b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n"
          b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
     split_seed(t, "anthropic", s, [5, 40])
+    # Anthropic Messages API, as Anthropic documents it: thinking, tool use,
+    # cache fields, an error event.
+    s = (b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"mistral-7b\",\"content\":[],\"usage\":{\"input_tokens\":3,\"cache_creation_input_tokens\":5,\"cache_read_input_tokens\":7,\"output_tokens\":1}}}\n\n"
+         b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}\n\n"
+         b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"hmm \\u00e9\"}}\n\n"
+         b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\",\"input\":{}}}\n\n"
+         b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":\"}}\n\n"
+         + "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"text_delta\",\"text\":\"日本 😀\"}}\n\n".encode()
+         + b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":9}}\n\n"
+         b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n")
+    split_seed(t, "anthropic-messages", s, cuts_inside(s, ["日".encode(), "😀".encode(), b"thinking_delta", b"output_tokens\":9"]))
+    # OpenAI Responses API, vLLM style.
+    resp = {"id": "resp_1", "object": "response", "model": "mistral-7b", "status": "in_progress", "output": [], "usage": None}
+    s = ("event: response.created\ndata: " + json.dumps({"type": "response.created", "sequence_number": 0, "response": resp}) + "\n\n").encode()
+    for i, (kind, w) in enumerate([("output_text", "Hé"), ("reasoning_text", "think"), ("function_call_arguments", "{\"x\":"), ("output_text", "")]):
+        s += (f"event: response.{kind}.delta\ndata: " + json.dumps({"type": f"response.{kind}.delta", "sequence_number": i + 1, "item_id": "m", "output_index": 0, "content_index": 0, "delta": w}, ensure_ascii=False) + "\n\n").encode()
+    done = dict(resp, status="incomplete", incomplete_details={"reason": "max_output_tokens"},
+                usage={"input_tokens": 12, "input_tokens_details": {"cached_tokens": 8}, "output_tokens": 3,
+                       "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 15})
+    s += ("event: response.incomplete\ndata: " + json.dumps({"type": "response.incomplete", "sequence_number": 9, "response": done}) + "\n\n").encode()
+    s += b"event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\",\"param\":null,\"sequence_number\":10}\n\n"
+    split_seed(t, "openai-responses", s, cuts_inside(s, ["é".encode(), b"response.output_text.delta", b"input_tokens\":1", b"\n\n"]))
+    failed = ("data: " + json.dumps({"type": "response.failed", "response": dict(resp, status="failed", error={"code": "rate_limit_exceeded", "message": "x"})}) + "\n\n").encode()
+    split_seed(t, "openai-responses-failed", failed + b"data: {\"type\":\"response.output_text.delta\",\"delta\":\"cut", [10])
     # A huge content string and deep nesting inside one event.
     big = "x" * 20000 + "é" * 500
     s = chunk({"content": big}).encode() + b"data: [DONE]\n\n"
