@@ -21,6 +21,7 @@ GATEWAY_SUITES = {
     "test_tracing_rag",
     "test_self_monitoring",
     "test_error_types",
+    "test_gen_ai_naming",
     "test_llm_apis",
 }
 

@@ -176,33 +176,35 @@ const RAG_ERRORS: &[LabelKey] = &[
     LabelKey::RagError,
 ];
 
-/// The GenAI duration histograms: the conventions' attributes in their
-/// Prometheus form (`error_type` empty, i.e. absent, on success), then
-/// tokentap's workload labels.
+/// The GenAI duration histograms: tokentap's workload labels, then the
+/// conventions' attributes in their Prometheus form (`error_type` empty,
+/// i.e. absent, on success). Workload first: the `model` tag regex matches
+/// the leftmost `model=.=`, which must be the `model` field, not the end of
+/// `gen_ai_request_model=.=`.
 const GEN_AI_DURATION: &[LabelKey] = &[
+    ROUTE,
+    MODEL,
+    ROUTE_CLASS,
+    TEAM,
+    BACKEND,
     LabelKey::GenAiOperation,
     LabelKey::GenAiProvider,
     LabelKey::GenAiRequestModel,
     LabelKey::GenAiResponseModel,
     LabelKey::ErrorType,
+];
+/// The GenAI token-usage histogram.
+const GEN_AI_TOKENS: &[LabelKey] = &[
     ROUTE,
     MODEL,
     ROUTE_CLASS,
     TEAM,
     BACKEND,
-];
-/// The GenAI token-usage histogram.
-const GEN_AI_TOKENS: &[LabelKey] = &[
     LabelKey::GenAiOperation,
     LabelKey::GenAiProvider,
     LabelKey::GenAiRequestModel,
     LabelKey::GenAiResponseModel,
     LabelKey::GenAiTokenType,
-    ROUTE,
-    MODEL,
-    ROUTE_CLASS,
-    TEAM,
-    BACKEND,
 ];
 
 /// Most labels any family has.

@@ -212,9 +212,10 @@ fn gen_ai<'a>(
         last: LabelValue<'a>,
     ) -> LabelSet<'a> {
         let mut v = LabelSet::default();
+        values.workload().into_iter().for_each(|l| v.push(l));
         v.push(LabelValue {
             id: rec.operation as u16,
-            text: rec.operation.as_str(),
+            text: rec.operation.gen_ai_name(),
         });
         v.push(LabelValue {
             id: 0,
@@ -223,7 +224,6 @@ fn gen_ai<'a>(
         v.push(values.dim(Dimension::Model));
         v.push(values.response_model);
         v.push(last);
-        values.workload().into_iter().for_each(|l| v.push(l));
         v
     }
     let common = |last| labels(rec, values, provider, last);
@@ -265,6 +265,7 @@ fn gen_ai<'a>(
         (GenAiTokenType::Output, u.completion_tokens),
         (GenAiTokenType::CachedInput, u.cached_tokens),
         (GenAiTokenType::Reasoning, u.reasoning_tokens),
+        (GenAiTokenType::CacheCreationInput, u.cache_creation_tokens),
     ];
     for (token_type, n) in counts {
         if let Some(n) = n {

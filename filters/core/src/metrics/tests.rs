@@ -364,7 +364,7 @@ mod gen_ai_naming {
         // seconds (0 so far), `_count` exact.
         let duration = |suffix: &str, le: Option<&str>| {
             let le = le.map(|l| format!("le=.={l};.;")).unwrap_or_default();
-            format!("{GEN_AI}error_type=.=;.;{WORKLOAD}{le}gen_ai_server_request_duration_seconds{suffix}")
+            format!("{WORKLOAD}{GEN_AI}error_type=.=;.;{le}gen_ai_server_request_duration_seconds{suffix}")
         };
         assert_eq!(stats.value(&duration("_bucket", Some("0.04"))), 0);
         assert_eq!(stats.value(&duration("_bucket", Some("0.08"))), 1);
@@ -373,19 +373,19 @@ mod gen_ai_naming {
         assert_eq!(stats.value(&duration("_count", None)), 1);
         assert_eq!(stats.value(&duration("_sum", None)), 0);
         let tokens = |t: &str, suffix: &str| {
-            format!("{GEN_AI}gen_ai_token_type=.={t};.;{WORKLOAD}gen_ai_client_token_usage{suffix}")
+            format!("{WORKLOAD}{GEN_AI}gen_ai_token_type=.={t};.;gen_ai_client_token_usage{suffix}")
         };
         assert_eq!(stats.value(&tokens("input", "_sum")), 11);
         assert_eq!(stats.value(&tokens("output", "_sum")), 5);
         assert_eq!(stats.value(&tokens("output", "_count")), 1);
-        let bucket = format!("{GEN_AI}gen_ai_token_type=.=input;.;{WORKLOAD}le=.=16;.;gen_ai_client_token_usage_bucket");
+        let bucket = format!("{WORKLOAD}{GEN_AI}gen_ai_token_type=.=input;.;le=.=16;.;gen_ai_client_token_usage_bucket");
         assert_eq!(stats.value(&bucket), 1);
         // No cached or reasoning tokens were reported.
         assert!(!stats.defined(&tokens("cached_input", "_count")));
         // A failure carries its error type.
         let (_, stats) = publish(&config_with("gen_ai"), &[finished("acme", "503")]);
         let failed = format!(
-            "{GEN_AI}error_type=.=upstream_5xx;.;{WORKLOAD}gen_ai_server_request_duration_seconds_count"
+            "{WORKLOAD}{GEN_AI}error_type=.=upstream_5xx;.;gen_ai_server_request_duration_seconds_count"
         );
         assert_eq!(stats.value(&failed), 1);
     }
@@ -423,7 +423,7 @@ mod gen_ai_naming {
         let mut store = MetricStore::new(cfg.max_series_per_metric);
         let mut stats = FakeStats::default();
         let sum =
-            format!("{GEN_AI}error_type=.=;.;{WORKLOAD}gen_ai_server_request_duration_seconds_sum");
+            format!("{WORKLOAD}{GEN_AI}error_type=.=;.;gen_ai_server_request_duration_seconds_sum");
         // 55 ms per request: 18 requests = 0.99 s, 19 = 1.045 s.
         for i in 1..=40u64 {
             let rec = finished("acme", "200");
