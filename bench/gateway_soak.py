@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             per_segment = opts.requests / opts.segments
             rps = max(warm.rps, 1.0)
             while done < opts.requests:
-                # Aim at the next mark (a multiple of per_segment) from the rate measured so far.
-                mark = min(opts.requests, (int(done // per_segment) + 1) * per_segment)
+                # Aim at the next mark (a multiple of per_segment) from the
+                # rate measured so far; a segment that ended within 5 % short
+                # of its mark counts as having reached it.
+                mark = min(opts.requests, (int((done + 0.05 * per_segment) // per_segment) + 1) * per_segment)
                 seconds = max(1, round((mark - done) / rps))
                 run = run_wrk(target, opts.connections, seconds, 0)
                 done += run.requests
