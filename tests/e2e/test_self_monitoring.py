@@ -267,4 +267,14 @@ def test_renamed_or_missing_gateway_stats_tags_fire_the_gateway_telemetry_alerts
     # The shipped tags again: both clear.
     telemetry.restart_envoy(lambda tags: tags)
     telemetry.traffic()
+    # Settle only once Prometheus has scraped the new proxy with its series:
+    # while it restarts it is down (no alert), and a scrape between its start
+    # and the filter's first publish is up without series, which is exactly
+    # what LLMGatewayMetricsAbsent fires on (seen once on a loaded CI run).
+    wait_until(
+        lambda: telemetry.prom.query(f'llm_gateway_requests_total{{instance="{instance}"}}'),
+        timeout=30,
+        interval=0.5,
+        what="the restarted proxy's series in Prometheus",
+    )
     telemetry.settle_quiet()
